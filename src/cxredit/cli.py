@@ -1,0 +1,401 @@
+"""Command-line interface: `cxredit <command> [options]`.
+
+Thin by design: each subcommand parses its options and calls the Python API. User errors
+(bad paths, unreadable files, bad queries) end with one line on stderr and exit status 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from cxredit import __version__
+
+log = logging.getLogger("cxredit")
+
+# (name, one-line help, add_arguments, run) — filled by the register_* functions below.
+_COMMANDS: list[tuple[str, str, Callable, Callable]] = []
+
+
+def command(name: str, help: str):
+    """Register `run(args) -> int` as a subcommand whose options are set by `add(parser)`."""
+
+    def deco(add: Callable[[argparse.ArgumentParser], None]):
+        def wrap(run: Callable[[argparse.Namespace], int]):
+            _COMMANDS.append((name, help, add, run))
+            return run
+
+        return wrap
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------- data
+def _add_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", choices=["chexpert", "mimic", "nih", "folder"],
+                   help="dataset layout of --root")
+    p.add_argument("--root", required=True,
+                   help="dataset folder (CheXpert: the folder holding train.csv, or its parent)")
+    p.add_argument("--out", required=True, help="store folder to write (resumable)")
+    p.add_argument("--resolution", type=int, default=128, help="output side in pixels")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--limit", type=int, default=None,
+                   help="keep only the first N images after filtering")
+    p.add_argument("--views", default="PA,AP",
+                   help="comma-separated views to keep ('all' keeps every view)")
+    p.add_argument("--uncertain", choices=["keep", "zero", "one", "drop"], default="keep",
+                   help="what to do with uncertain (-1) labels")
+    p.add_argument("--query", default=None,
+                   help="keep only rows matching a label query, e.g. \"Cardiomegaly==1\"")
+    p.add_argument("--labels-csv", default=None,
+                   help="folder source: CSV with labels joined on file name")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("prepare", "index a dataset (CheXpert, MIMIC-CXR-JPG, NIH, folder) and write a store")(
+    _add_prepare)
+def run_prepare(args: argparse.Namespace) -> int:
+    from cxredit.data.prepare import prepare_store
+    from cxredit.data.sources import apply_uncertain, filter_views, index_source, query
+
+    kw = {"labels_csv": args.labels_csv} if args.source == "folder" and args.labels_csv else {}
+    df = index_source(args.source, args.root, **kw)
+    n_all = len(df)
+    views = None if args.views.strip().lower() == "all" else \
+        tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+    if views:
+        df = filter_views(df, views)
+    df = apply_uncertain(df, args.uncertain)
+    if args.query:
+        df = query(df, args.query)
+    log.info("indexed %d files, %d after filters", n_all, len(df))
+    info = {"source": args.source, "root": str(args.root),
+            "filters": {"views": list(views) if views else "all", "uncertain": args.uncertain,
+                        "query": args.query, "limit": args.limit}}
+    res = prepare_store(df.reset_index(drop=True), args.out, args.resolution, args.workers,
+                        args.limit, info=info, progress=not args.no_progress)
+    print(res.summary())
+    return 0
+
+
+def _add_phantoms(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="store folder to write")
+    p.add_argument("--n", type=int, default=5000, help="number of images")
+    p.add_argument("--resolution", type=int, default=128, help="output side in pixels")
+    p.add_argument("--cardiomegaly-fraction", type=float, default=0.5,
+                   help="share of cases with CTR > 0.5")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; different seeds never share a subject")
+    p.add_argument("--device-prob-healthy", type=float, default=0.05,
+                   help="pacemaker probability in healthy cases (confounder)")
+    p.add_argument("--device-prob-cardio", type=float, default=0.3,
+                   help="pacemaker probability in cardiomegaly cases (confounder)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("phantoms", "render built-in phantom chest X-rays (with masks and CTR) into a store")(
+    _add_phantoms)
+def run_phantoms(args: argparse.Namespace) -> int:
+    from cxredit.data.prepare import make_phantom_store
+
+    for name in ("device_prob_healthy", "device_prob_cardio"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1]")
+    res = make_phantom_store(args.out, args.n, args.resolution, args.cardiomegaly_fraction,
+                             args.seed, args.workers,
+                             (args.device_prob_healthy, args.device_prob_cardio),
+                             progress=not args.no_progress)
+    print(res.summary())
+    return 0
+
+
+def _add_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("store", help="store folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+@command("info", "show a store's counts, resolution, split sizes and label table")(_add_info)
+def run_info(args: argparse.Namespace) -> int:
+    from cxredit.data.store import ImageStore
+
+    s = ImageStore(args.store).summary()
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"store       {s['root']}")
+    print(f"source      {s['source']}")
+    print(f"images      {s['images']} at {s['resolution']}x{s['resolution']}"
+          f"{' (+ masks)' if s['has_masks'] else ''}; {s['errors']} unreadable at preparation")
+    print("splits      " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
+    if s.get("views"):
+        print("views       " + ", ".join(f"{k or '?'} {v}" for k, v in s["views"].items()))
+    if s["labels"]:
+        print(f"\n{'observation':<28}{'pos':>8}{'neg':>8}{'unc':>8}{'n/a':>8}")
+        for name, c in s["labels"].items():
+            print(f"{name:<28}{c['positive']:>8}{c['negative']:>8}{c['uncertain']:>8}"
+                  f"{c['missing']:>8}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- GAN
+def _add_train_gan(p: argparse.ArgumentParser) -> None:
+    from cxredit.config import PRESET_NOTES
+
+    p.add_argument("--data", required=True, help="store folder (its 'train' split is used)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", default="paper128", choices=list(PRESET_NOTES),
+                   help="; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items()))
+    p.add_argument("--kimg", type=float, help="training length in thousands of real images")
+    p.add_argument("--batch", type=int, help="global batch size (split over ranks)")
+    p.add_argument("--snap-kimg", type=float, help="checkpoint + sample grid interval (kimg)")
+    p.add_argument("--gamma", type=float, help="R1 weight")
+    p.add_argument("--aug", choices=["ada", "fixed", "none"], help="augmentation mode")
+    p.add_argument("--aug-p", type=float, help="initial (ada) or fixed augmentation probability")
+    p.add_argument("--no-aug", action="store_true", help="disable augmentation (= --aug none)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast precision")
+    p.add_argument("--seed", type=int, help="seed of every RNG of the run")
+    p.add_argument("--keep-checkpoints", type=int, help="newest checkpoints to keep")
+    p.add_argument("--keep-every-kimg", type=float,
+                   help="also keep checkpoints at multiples of this many kimg, forever")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any config field, e.g. --set channel_base=4096 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly from its newest checkpoint")
+    p.add_argument("--compile", action="store_true", help="torch.compile G and D")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def gan_config_from_args(args: argparse.Namespace):
+    """Preset + dedicated options + --set overrides -> GanConfig."""
+    from cxredit.config import parse_overrides, preset
+
+    cfg = preset(args.preset)
+    changes = {}
+    for name in ("kimg", "batch", "snap_kimg", "gamma", "aug", "aug_p", "precision", "seed",
+                 "keep_checkpoints", "keep_every_kimg"):
+        value = getattr(args, name, None)
+        if value is not None:
+            changes[name] = value
+    if args.no_aug:
+        changes["aug"] = "none"
+    if changes.get("aug") == "fixed" and "aug_p" not in changes:
+        raise ValueError("--aug fixed needs --aug-p")
+    changes.update(parse_overrides(args.set))
+    return cfg.replace(**changes)
+
+
+@command("train-gan", "train a StyleGAN2 generator on a store (resumable, torchrun-aware)")(
+    _add_train_gan)
+def run_train_gan(args: argparse.Namespace) -> int:
+    from cxredit.train.gan import train_gan
+
+    cfg = None if args.resume else gan_config_from_args(args)
+    rec = train_gan(args.data, args.out, cfg, resume=args.resume, device=args.device,
+                    compile=args.compile, progress=not args.no_progress, kimg=args.kimg)
+    if rec:
+        print(f"{args.out}: {rec['kimg']} kimg, loss G {rec.get('loss/G', float('nan')):.3f}, "
+              f"loss D {rec.get('loss/D', float('nan')):.3f}")
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if "-" in part[1:]:
+            a, b = part.split("-", 1)
+            seeds.extend(range(int(a), int(b) + 1))
+        elif part:
+            seeds.append(int(part))
+    if not seeds:
+        raise ValueError(f"--seeds: no seeds in {text!r}")
+    return seeds
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="GAN run folder or checkpoint")
+    p.add_argument("--seeds", default="0-63", help="seeds, e.g. 0-63 or 1,5,9")
+    p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none)")
+    p.add_argument("--noise-mode", default="const", choices=["const", "random", "none"],
+                   help="per-layer noise")
+    p.add_argument("--out", default="generated", help="output folder")
+    p.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
+                   help="also write a latent walk strip through the seeds with STEPS frames "
+                        "between consecutive seeds")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+@command("generate", "sample images from a trained generator (grid, singles, latent walks)")(
+    _add_generate)
+def run_generate(args: argparse.Namespace) -> int:
+    from cxredit.generate import generate
+
+    res = generate(args.ckpt, _parse_seeds(args.seeds), args.out, psi=args.trunc,
+                   noise_mode=args.noise_mode, interpolate=args.interpolate, device=args.device)
+    print(f"wrote {res['count']} images and {res['grid']}"
+          + (f" and {res['walk']}" if res.get("walk") else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ encoder
+def _add_train_encoder(p: argparse.ArgumentParser) -> None:
+    from cxredit.config import ENCODER_TRAIN_PRESETS
+
+    p.add_argument("--gan", required=True, help="GAN run folder or checkpoint (G_ema is used)")
+    p.add_argument("--data", required=True, help="store of real images (its 'train' split)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--preset", default="paper128", choices=list(ENCODER_TRAIN_PRESETS),
+                   help="training preset (the encoder's size follows the generator)")
+    p.add_argument("--space", choices=["w", "w+"], help="latent space E predicts")
+    p.add_argument("--kimg", type=float, help="training length in thousands of images")
+    p.add_argument("--batch", type=int, help="images per cycle")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--snap-kimg", type=float, help="checkpoint + reconstruction grid interval")
+    p.add_argument("--seed", type=int, help="seed of every RNG of the run")
+    p.add_argument("--trunk", choices=["resnet101", "resnet50", "resnet34", "resnet18", "tiny"],
+                   help="ResNet trunk of E (default: by resolution; resnet101 at 128 px)")
+    p.add_argument("--pretrained", default=None,
+                   help="local torchvision ImageNet weights for the trunk (.pth/.safetensors)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any training field, e.g. --set e_content=0.5 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("train-encoder", "train the CRG encoder E that inverts a frozen generator")(
+    _add_train_encoder)
+def run_train_encoder(args: argparse.Namespace) -> int:
+    from cxredit.config import EncoderTrainConfig, encoder_train_preset, parse_overrides
+    from cxredit.train.encoder import train_encoder
+
+    cfg, overrides = None, {}
+    if not args.resume:
+        cfg = encoder_train_preset(args.preset)
+        changes = {k: getattr(args, k) for k in ("space", "kimg", "batch", "lr", "snap_kimg",
+                                                  "seed") if getattr(args, k) is not None}
+        changes.update(parse_overrides(args.set, EncoderTrainConfig))
+        cfg = cfg.replace(**changes)
+        if args.trunk:
+            overrides["trunk"] = args.trunk
+        if args.pretrained:
+            overrides["pretrained_path"] = args.pretrained
+    rec = train_encoder(args.gan, args.data, args.out, cfg, resume=args.resume,
+                        device=args.device, encoder_overrides=overrides,
+                        progress=not args.no_progress, kimg=args.kimg)
+    if rec:
+        print(f"{args.out}: {rec['kimg']} kimg, synthetic SSIM {rec.get('syn/ssim', 0):.3f}, "
+              f"real SSIM {rec.get('real/ssim', float('nan')):.3f}")
+    return 0
+
+
+def _add_invert(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", help="image files (PNG/JPEG/DICOM)")
+    src.add_argument("--store", help="store folder")
+    p.add_argument("--encoder", required=True, help="encoder run folder or checkpoint")
+    p.add_argument("--out", required=True, help="latents .npz (a .json sidecar is written)")
+    p.add_argument("--split", choices=["train", "val", "test"], help="store split")
+    p.add_argument("--query", help="store label query, e.g. \"Cardiomegaly==1\"")
+    p.add_argument("--gan", help="generator for reconstructions (default: E's own)")
+    p.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    p.add_argument("--recon-dir", help="also write reconstructions (PNG, marked synthetic)")
+    p.add_argument("--no-metrics", action="store_true",
+                   help="skip per-image SSIM/PSNR (then no generator is needed)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("invert", "encode images into latents with a trained encoder (fast inversion)")(
+    _add_invert)
+def run_invert(args: argparse.Namespace) -> int:
+    from cxredit.latent.invert import invert
+
+    res = invert(args.encoder, args.out, images=args.images, store=args.store, split=args.split,
+                 query=args.query, gan=args.gan, batch=args.batch, recon_dir=args.recon_dir,
+                 metrics=not args.no_metrics, device=args.device,
+                 progress=not args.no_progress)
+    print(f"{res['out']}: {res['count']} latents; mean SSIM {res['ssim']:.3f}, "
+          f"PSNR {res['psnr']:.2f} dB")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
+    p.add_argument("--n-healthy", type=int, default=100, help="healthy phantoms in the test set")
+    p.add_argument("--n-cardio", type=int, default=250,
+                   help="cardiomegaly phantoms in the test set")
+    p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
+    p.add_argument("--gan-kimg", type=float, default=1.0,
+                   help="length of the short GAN training run (kimg)")
+    p.add_argument("--n-train", type=int, default=2000, help="phantoms in the training store")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+@command("demo", "run the pipeline on built-in phantom chest X-rays and summarise it")(_add_demo)
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cxredit.demo import print_summary, run_demo
+
+    s = run_demo(args.out, args.n_healthy, args.n_cardio, args.resolution, args.gan_kimg,
+                 args.n_train, args.device, progress=not args.no_progress)
+    print_summary(s, Path(args.out))
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (one subparser per registered command)."""
+    parser = argparse.ArgumentParser(
+        prog="cxredit",
+        description="Disease-aware editing of chest X-rays with StyleGAN2.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"cxredit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, help_, add, run in _COMMANDS:
+        p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cxredit` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version or a usage error: report the status, in-process
+        return int(e.code or 0)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        # User errors: one line, no traceback (XrayReadError and StoreError are ValueErrors).
+        if args.verbose:
+            raise
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"cxredit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cxredit: interrupted (finished work is kept; re-run to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Encoder inversion: images -> latents in one batched, gradient-free pass of E."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cxredit.generate import provenance
+from cxredit.latent.io import save_latents
+from cxredit.train.losses import ssim
+
+log = logging.getLogger(__name__)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak 2), [N]."""
+    mse = (x.float() - y.float()).square().mean(dim=(1, 2, 3)).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)
+
+
+def load_images(paths: list[str], resolution: int) -> torch.Tensor:
+    """Read X-ray files (any format of `cxredit.data.io`) as [N,1,R,R] in [-1,1]."""
+    from cxredit.data.io import read_xray_resized
+
+    arr = np.stack([read_xray_resized(p, resolution) for p in paths])
+    return torch.from_numpy(arr).float().div_(127.5).sub_(1).unsqueeze(1)
+
+
+@torch.no_grad()
+def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None,
+           store: str | Path | None = None, split: str | None = None, query: str | None = None,
+           gan: str | Path | None = None, batch: int = 32, recon_dir: str | Path | None = None,
+           metrics: bool = True, device: str | None = None, progress: bool = True) -> dict:
+    """Encode images with E and write latents (+ optional reconstructions and SSIM/PSNR).
+
+    Args:
+        encoder: encoder run folder or checkpoint.
+        out: latents `.npz`.
+        images: image files, or
+        store: a store (rows selected by `split` / `query`).
+        gan: generator checkpoint for reconstructions (default: the one E was trained with).
+        batch: images per forward pass.
+        recon_dir: write reconstructions as PNG here (marked synthetic).
+        metrics: compute per-image SSIM/PSNR of G(E(I)) against I (needs G).
+        device: torch device.
+        progress: tqdm bar.
+
+    Returns:
+        {"count", "out", "ssim", "psnr"} (means; NaN without metrics).
+    """
+    from cxredit.checkpoint import checkpoint_sha256
+    from cxredit.data.io import write_png
+    from cxredit.runs import find_checkpoint
+    from cxredit.train.encoder import load_encoder
+    from cxredit.train.gan import load_generator
+
+    if (images is None) == (store is None):
+        raise ValueError("give either --images or --store")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    E, info = load_encoder(encoder, dev)
+    R = E.resolution
+    if store is not None:
+        from cxredit.data.store import ImageStore
+
+        st = ImageStore(store)
+        if st.resolution != R:
+            raise ValueError(f"{store}: store is {st.resolution} px, the encoder expects {R} px")
+        rows = st.select(split, query)
+        if len(rows) == 0:
+            raise ValueError(f"{store}: no images match split={split!r} query={query!r}")
+        ids = [str(r) for r in rows]
+        fetch = lambda s: st.tensor(rows[s])  # noqa: E731
+    else:
+        ids = [str(p) for p in images]
+        fetch = lambda s: load_images(ids[s], R)  # noqa: E731
+    G = None
+    gan_path = gan or info["gan"].get("path")
+    if metrics or recon_dir:
+        if not gan_path:
+            raise ValueError("reconstructions need the generator: pass --gan")
+        G = load_generator(gan_path, dev)
+    meta = provenance(checkpoint_sha256(find_checkpoint(gan_path)), "encoder reconstruction") \
+        if recon_dir else {}
+    ws, ssims, psnrs = [], [], []
+    n_batches = math.ceil(len(ids) / batch)
+    for b in tqdm(range(n_batches), disable=not progress, desc="invert", unit="batch"):
+        sl = slice(b * batch, (b + 1) * batch)
+        x = fetch(sl).to(dev)
+        w = E(x)
+        ws.append(w.cpu())
+        if G is not None:
+            rec = G.synthesis(w, noise_mode="const").clamp(-1, 1)
+            ssims.append(ssim(rec, x).cpu())
+            psnrs.append(psnr(rec, x).cpu())
+            if recon_dir:
+                for i, img in zip(ids[sl], rec.cpu()):
+                    name = Path(i).stem if store is None else f"row{int(i):07d}"
+                    write_png(Path(recon_dir) / f"{name}_recon.png", (img[0].numpy() + 1) / 2,
+                              provenance=meta)
+    w_all = torch.cat(ws).numpy()
+    extra = {}
+    if ssims:
+        extra = {"ssim": torch.cat(ssims).numpy(), "psnr": torch.cat(psnrs).numpy()}
+    gan_ck = find_checkpoint(gan_path) if gan_path else None
+    side = {"method": "encoder",
+            "generator": {"path": str(gan_ck) if gan_ck else info["gan"].get("path"),
+                          "sha256": checkpoint_sha256(gan_ck) if gan_ck
+                          else info["gan"].get("sha256")},
+            "encoder": {"path": info["checkpoint"],
+                        "sha256": checkpoint_sha256(info["checkpoint"])},
+            "source": {"store": str(store) if store else None, "split": split, "query": query}}
+    save_latents(out, w_all, ids, side, **extra)
+    return {"count": len(ids), "out": str(out),
+            "ssim": float(np.mean(extra["ssim"])) if extra else float("nan"),
+            "psnr": float(np.mean(extra["psnr"])) if extra else float("nan")}

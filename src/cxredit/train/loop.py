@@ -1,0 +1,214 @@
+"""What every cxredit training loop shares: schedule, data order, RNG, stats, checkpoints.
+
+A trainer subclasses `Trainer` and provides `train_step()` (one iteration on one global batch),
+`state_dict()` / `load_state_dict()` and `snapshot(step)` (images written at checkpoints).
+
+Exact resume without saving RNG streams: every random draw of iteration `step` on rank `r`
+comes from a torch.Generator seeded with (seed, step, phase, r), and the data order of epoch
+`e` is a permutation seeded with (seed, e). A checkpoint therefore needs only the step counter
+and the state of the networks and optimizers; a resumed run makes exactly the same draws as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cxredit.checkpoint import save_checkpoint
+from cxredit.data.store import ImageStore
+from cxredit.runs import Run
+from cxredit.train import distributed as dist
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN/Inf: training stops; the last good checkpoint is kept."""
+
+
+class Trainer:
+    """Base of the training loops.
+
+    Args:
+        cfg: config with at least batch, seed, kimg, snap_kimg, keep_checkpoints,
+            keep_every_kimg.
+        store: training images.
+        run: run folder (rank 0 writes into it), or None for no files.
+        device: torch device of this rank.
+        rows: store rows to train on (default: the "train" split, or all if it is empty).
+        progress: show a tqdm bar (rank 0).
+    """
+
+    kind = "base"  # checkpoint kind
+    nan_hint = "lower the learning rate"
+
+    def __init__(self, cfg, store: ImageStore, run: Run | None,
+                 device: torch.device | str = "cpu", rows: np.ndarray | None = None,
+                 progress: bool = True) -> None:
+        self.cfg, self.store, self.run = cfg, store, run
+        self.device = torch.device(device)
+        self.world = dist.world_size()
+        self.rank = 0
+        if self.world > 1:
+            import torch.distributed as tdist
+
+            self.rank = tdist.get_rank()
+        if rows is None:
+            rows = store.select(split="train")
+            if len(rows) == 0:
+                rows = store.select()
+        self.rows = np.asarray(rows, np.int64)
+        if cfg.batch % self.world:
+            raise ValueError(f"batch {cfg.batch} is not divisible by {self.world} ranks")
+        self.batch_gpu = cfg.batch // self.world
+        if len(self.rows) < cfg.batch:
+            raise ValueError(f"{store.root}: {len(self.rows)} training images, fewer than one "
+                             f"batch ({cfg.batch})")
+        self.progress = progress
+        self.step = 0
+        # Device-side accumulators: synchronised only when logging (no per-step host sync).
+        self._acc: dict[str, torch.Tensor] = {}
+        self._nonfinite = torch.zeros([], dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ to implement
+    def train_step(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, st: dict) -> None:
+        raise NotImplementedError
+
+    def snapshot(self, step: int) -> None:
+        """Write images for a checkpoint (rank 0)."""
+
+    def extra_stats(self) -> dict:
+        """Values added to every stats record."""
+        return {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    @property
+    def nimg(self) -> int:
+        """Real images consumed so far (over all ranks)."""
+        return self.step * self.cfg.batch
+
+    @property
+    def total_steps(self) -> int:
+        return int(math.ceil(self.cfg.kimg * 1000 / self.cfg.batch))
+
+    def generator(self, phase: int) -> torch.Generator:
+        """RNG for one phase of the current step on this rank (see module docstring)."""
+        seed = (((self.cfg.seed * 1_000_003 + self.step) * 17 + phase) * 1009 + self.rank)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed % (2**63))
+        return g
+
+    def real_batch(self) -> torch.Tensor:
+        """This rank's share of the global batch of step `self.step`: [B_rank,1,R,R]."""
+        per_epoch = len(self.rows) // self.cfg.batch
+        epoch, j = divmod(self.step, per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
+        idx = self.rows[perm[j * self.cfg.batch:(j + 1) * self.cfg.batch]]
+        idx = idx[self.rank::self.world]
+        return self.store.tensor(idx).to(self.device, non_blocking=True)
+
+    def accumulate(self, name: str, value: torch.Tensor) -> None:
+        """Add a scalar to the running mean logged at the next tick (no host sync)."""
+        v = value.detach().float()
+        self._nonfinite |= ~torch.isfinite(v)
+        zero = torch.zeros([], device=self.device)
+        self._acc[name] = self._acc.get(name, zero) + v
+        self._acc[name + "/n"] = self._acc.get(name + "/n", zero) + 1
+
+    def opt_step(self, module: torch.nn.Module, opt: torch.optim.Optimizer,
+                 loss: torch.Tensor) -> None:
+        """Backward, average gradients over ranks, sanitise them, step, zero."""
+        params = list(module.parameters())
+        loss.backward()
+        dist.average_gradients_(params)
+        for p in params:
+            if p.grad is not None:
+                # as NVlabs: one bad sample must not poison Adam's moment estimates
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def stats(self, t_tick: float, steps: int) -> dict:
+        """Collect accumulated means (one host sync) and reset the accumulators."""
+        acc, self._acc = self._acc, {}
+        rec = {"step": self.step, "kimg": round(self.nimg / 1000, 3),
+               "sec_per_kimg": round(t_tick / max(steps * self.cfg.batch / 1000, 1e-9), 3)}
+        for k, v in acc.items():
+            if not k.endswith("/n"):
+                rec[k] = float(dist.all_reduce_mean_(v / acc[k + "/n"]))
+        rec.update(self.extra_stats())
+        return rec
+
+    def check_finite(self) -> None:
+        flag = self._nonfinite.float()
+        dist.all_reduce_sum_(flag)
+        if float(flag) > 0:
+            raise NonFiniteLossError(
+                f"a loss became NaN/Inf before step {self.step}; training stopped. The last good "
+                f"checkpoint is kept: {self.nan_hint}, then --resume")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, desc: str = "train") -> dict:
+        """Train until `cfg.kimg`, logging every ~kimg and checkpointing every `snap_kimg`.
+
+        Returns:
+            The last stats record.
+        """
+        cfg, main = self.cfg, self.rank == 0
+        snap_steps = max(1, int(round(cfg.snap_kimg * 1000 / cfg.batch)))
+        tick_steps = max(1, min(snap_steps, int(round(1000 / cfg.batch))))
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                   disable=not (main and self.progress), desc=desc, dynamic_ncols=True)
+        rec: dict = {}
+        t_tick, steps_in_tick = time.time(), 0
+        while self.step < self.total_steps:
+            self.train_step()
+            self.step += 1
+            steps_in_tick += 1
+            bar.update(1)
+            last = self.step >= self.total_steps
+            if self.step % tick_steps == 0 or last or self.step % snap_steps == 0:
+                self.check_finite()
+                rec = self.stats(time.time() - t_tick, steps_in_tick)
+                t_tick, steps_in_tick = time.time(), 0
+                if main:
+                    bar.set_postfix({k.split("/")[-1] if k.startswith("loss/") else k:
+                                     f"{v:.3g}" for k, v in rec.items()
+                                     if k.startswith("loss/") or k in ("kimg", "sec_per_kimg")})
+                    if self.run is not None:
+                        self.run.log(rec)
+            if self.step % snap_steps == 0 or last:
+                self.checkpoint()
+        bar.close()
+        return rec
+
+    def _kept_steps(self) -> set[int]:
+        """Steps whose checkpoints survive pruning (first step past each keep_every_kimg)."""
+        every = self.cfg.keep_every_kimg * 1000
+        if every <= 0 or self.run is None:
+            return set()
+        b = self.cfg.batch
+        return {s for s, _ in self.run.checkpoints() if (s * b) // every > ((s - 1) * b) // every}
+
+    def checkpoint(self) -> Path | None:
+        """Rank 0 writes a checkpoint and its snapshot images; old checkpoints are pruned."""
+        if self.run is None:
+            return None
+        path = None
+        if self.rank == 0:
+            path = save_checkpoint(self.run.checkpoint_path(self.step), self.state_dict(),
+                                   kind=self.kind)
+            self.snapshot(self.step)
+            self.run.prune(self.cfg.keep_checkpoints, self._kept_steps())
+        dist.barrier()
+        return path

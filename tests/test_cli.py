@@ -1,0 +1,49 @@
+"""The command line as a user meets it: help texts, one-line errors, exit codes."""
+
+import subprocess
+import sys
+
+import pytest
+
+from cxredit.cli import _COMMANDS, build_parser, main
+
+EXPECTED = {"prepare", "phantoms", "info", "train-gan", "generate", "train-encoder", "invert",
+            "demo"}
+
+
+def test_help_lists_every_subcommand_with_one_line(capsys):
+    assert main(["--help"]) == 0
+    flat = "".join(capsys.readouterr().out.split())  # argparse wraps (even at hyphens)
+    names = {name for name, *_ in _COMMANDS}
+    assert EXPECTED <= names
+    for name, help_, *_ in _COMMANDS:
+        assert name + "".join(help_.split()) in flat, name
+        assert "\n" not in help_ and len(help_) < 100
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_every_option_is_documented(name):
+    sub = build_parser()._subparsers._group_actions[0].choices[name]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_user_errors_are_one_line_and_nonzero(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing" in err and "Traceback" not in err
+    assert main(["prepare", "chexpert", "--root", str(tmp_path), "--out",
+                 str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.csv" in err
+    assert main(["train-gan", "--data", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
+    assert main(["nonsense"]) == 2
+
+
+def test_console_script_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "cxredit.cli", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.startswith("cxredit ")

@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from cxredit.checkpoint import save_checkpoint
+from cxredit.config import GanConfig, parse_overrides, preset
+from cxredit.runs import Run, RunError, find_checkpoint
+
+
+def test_presets_follow_design_numbers():
+    p = preset("paper128")
+    assert (p.resolution, p.batch, p.gamma, p.g_lr, p.mbstd_group, p.ema_kimg, p.ema_rampup,
+            p.mapping_layers, p.channel_base, p.channel_max) == (
+        128, 32, 0.1024, 0.0025, 4, 10.0, 0.05, 2, 16384, 512)
+    assert p.num_ws == 12
+    d = preset("demo64")
+    assert (d.resolution, d.channel_base, d.channel_max, d.w_dim) == (64, 2048, 128, 128)
+    assert preset("tiny").resolution == 32 and preset("tiny").w_dim == 64
+    assert GanConfig.from_dict(p.to_dict()) == p
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("huge")
+    with pytest.raises(ValueError, match="power of two"):
+        p.replace(resolution=100)
+    with pytest.raises(ValueError, match="unknown GanConfig field"):
+        GanConfig.from_dict({"resolutoin": 64})
+
+
+def test_parse_overrides_types():
+    o = parse_overrides(["channel_base=4096", "gamma=0.5", "conv_clamp=none", "aug=fixed",
+                         "betas=0.0,0.9", "ema-rampup=None"])
+    assert o == {"channel_base": 4096, "gamma": 0.5, "conv_clamp": None, "aug": "fixed",
+                 "betas": (0.0, 0.9), "ema_rampup": None}
+    with pytest.raises(ValueError, match="unknown config field"):
+        parse_overrides(["nope=1"])
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_overrides(["batch=eight"])
+
+
+def test_run_folder_prune_stats_and_lookup(tmp_path):
+    run = Run(tmp_path / "r")
+    run.write_config({"a": 1}, kind="gan")
+    with pytest.raises(RunError, match="already exists"):
+        Run(tmp_path / "r")
+    with pytest.raises(RunError, match="nothing to resume"):
+        Run(tmp_path / "other", resume=True)
+    for step in (10, 20, 30, 40, 50):
+        save_checkpoint(run.checkpoint_path(step), {"w": torch.full([2], float(step))}, "gan")
+        run.log({"step": step, "loss": step / 10})
+    run.prune(keep=2, keep_steps={20})
+    assert [s for s, _ in run.checkpoints()] == [20, 40, 50]
+    assert run.latest_checkpoint().name == "ckpt-00000050.json"
+    assert find_checkpoint(tmp_path / "r").name == "ckpt-00000050.json"
+    assert find_checkpoint(run.checkpoint_path(40)).name == "ckpt-00000040.json"
+    # an incomplete checkpoint (tensor file missing) is never picked
+    (run.checkpoint_path(50).with_suffix(".safetensors")).unlink()
+    (run.ckpt_dir / "ckpt-00000050.safetensors").unlink(missing_ok=True)
+    assert run.latest_checkpoint().name == "ckpt-00000040.json"
+    run.truncate_stats(30)
+    assert [r["step"] for r in run.read_stats()] == [10, 20, 30]
+    with pytest.raises(RunError, match="not found"):
+        find_checkpoint(tmp_path / "missing.json")
