@@ -182,8 +182,8 @@ def test_modconv_fused_and_reference_gradients_agree():
 def test_modconv_double_backward_gradcheck():
     g = torch.Generator().manual_seed(0)
     f = ops.setup_filter().double()
-    x = torch.randn(2, 2, 4, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
     s = torch.randn(2, 2, generator=g, dtype=torch.float64, requires_grad=True)
     for fused in (True, False):
         def fn(x, w, s, fused=fused):

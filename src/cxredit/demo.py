@@ -26,7 +26,7 @@ TRAIN_SEED = 1
 
 
 def run_demo(out: str | Path = "runs/demo", n_healthy: int = 100, n_cardio: int = 250,
-             resolution: int = 64, gan_kimg: float = 1.0, n_train: int = 2000,
+             resolution: int = 64, gan_kimg: float = 0.5, n_train: int = 2000,
              device: str | None = None, progress: bool = True) -> dict:
     """Run the demo into `out` (re-running continues finished stages) and return its numbers."""
     from cxredit.config import preset
