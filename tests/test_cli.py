@@ -8,7 +8,7 @@ import pytest
 from cxredit.cli import _COMMANDS, build_parser, main
 
 EXPECTED = {"prepare", "phantoms", "info", "train-gan", "generate", "train-encoder", "invert",
-            "demo"}
+            "project", "separability", "direction", "enlarge-heart", "edit", "demo"}
 
 
 def test_help_lists_every_subcommand_with_one_line(capsys):

@@ -32,6 +32,18 @@ def pipeline(tmp_path_factory):
     return root
 
 
+def test_project_cli_from_encoder_init(pipeline):
+    out = pipeline / "proj.npz"
+    assert main(["project", "--gan", str(pipeline / "gan"), "--store", str(pipeline / "store"),
+                 "--limit", "3", "--init", "encoder", "--encoder", str(pipeline / "enc"),
+                 "--steps", "20", "--batch", "2", "--out", str(out), "--no-progress"]) == 0
+    w, ids, info, extra = load_latents(out)
+    enc, _, _, enc_extra = load_latents(pipeline / "lat.npz")
+    assert w.shape == (3, 8) and ids == ["0", "1", "2"] and info["method"] == "project"
+    # optimisation from the encoder's guess improves on the encoder's reconstruction
+    assert extra["ssim"].mean() >= enc_extra["ssim"][:3].mean() - 1e-6
+
+
 def test_separability_cli_writes_numbers_and_figure(pipeline, capsys):
     out = pipeline / "sep"
     assert main(["separability", "--latents", str(pipeline / "lat.npz"), "--meta",
