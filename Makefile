@@ -23,7 +23,9 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_data.py --write
+	$(BIN)/python benchmarks/bench_inversion.py --write
+	$(BIN)/python benchmarks/bench_gan.py --train-step --stat min
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

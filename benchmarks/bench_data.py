@@ -36,11 +36,13 @@ def make_jpegs(folder: Path, n: int) -> None:
 
 
 def bench_prepare(tmp: Path, n: int, workers: int) -> float:
+    """Images per second of `prepare_store`, including worker start-up (spawned processes)."""
     raw = tmp / "raw"
     if not raw.exists():
         raw.mkdir()
         make_jpegs(raw, n)
     df = index_folder(raw)
+    n = len(df)
     t0 = time.perf_counter()
     res = prepare_store(df, tmp / f"store_w{workers}", 128, workers=workers, progress=False)
     dt = time.perf_counter() - t0
@@ -77,18 +79,23 @@ def bench_iteration(tmp: Path, n: int, batch: int = 64) -> tuple[float, float]:
     return fast, loader_rate
 
 
-def bench_phantoms(n: int, resolution: int = 128) -> float:
+def bench_phantoms(n: int, resolution: int = 128, repeat: int = 3) -> float:
+    """Best of `repeat` runs: this shared VM's speed drifts by +-20% between runs."""
     torch.set_num_threads(1)
     render_batch([0], [False], resolution)  # warm caches (coordinate grids)
-    t0 = time.perf_counter()
-    render_batch(list(range(1, n + 1)), [i % 2 == 0 for i in range(n)], resolution)
-    return n / (time.perf_counter() - t0)
+    best = 0.0
+    for r in range(repeat):
+        seeds = list(range(1 + r * n, 1 + (r + 1) * n))
+        t0 = time.perf_counter()
+        render_batch(seeds, [i % 2 == 0 for i in range(n)], resolution)
+        best = max(best, n / (time.perf_counter() - t0))
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
-    ap.add_argument("--n-jpeg", type=int, default=1000)
+    ap.add_argument("--n-jpeg", type=int, default=4000)
     ap.add_argument("--n-store", type=int, default=20000)
     args = ap.parse_args()
     rows = []
@@ -98,15 +105,17 @@ def main() -> None:
         rows.append(("prepare, 320x390 JPEG -> 128 px, 1 worker", f"{r1:,.0f} img/s",
                      ">= 150 img/s per worker"))
         r2 = bench_prepare(tmp, args.n_jpeg, 2)
-        rows.append(("prepare, same, 2 workers", f"{r2:,.0f} img/s ({r2 / 2:,.0f} per worker)",
+        rows.append(("prepare, same, 2 workers (incl. ~1 s worker start-up)",
+                     f"{r2:,.0f} img/s ({r2 / 2:,.0f} per worker)",
                      ">= 150 img/s per worker"))
         fast, loader = bench_iteration(tmp, args.n_store)
         rows.append(("store iteration, batches of 64 at 128 px (`iter_batches`, shuffled)",
                      f"{fast:,.0f} img/s", ">= 20,000 img/s"))
         rows.append(("store iteration, torch DataLoader over `StoreDataset` (batched fetch)",
                      f"{loader:,.0f} img/s", "-"))
-    ph = bench_phantoms(400)
-    rows.append(("phantom rendering at 128 px, one core (image + 3 masks)", f"{ph:,.0f} img/s",
+    ph = bench_phantoms(300)
+    rows.append(("phantom rendering at 128 px, one core (image + 3 masks; best of 3 x 300)",
+                 f"{ph:,.0f} img/s",
                  ">= 200 img/s"))
     md = ["## Data layer (`benchmarks/bench_data.py`)\n", f"Machine: {machine()}; "
           f"peak RSS {peak_rss_mb():,.0f} MiB.\n", "| what | measured | target |",

@@ -84,12 +84,49 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
 
     t = {k: _time(f, device, args.warmup, args.repeat, args.stat)
          for k, f in [("g_fwd", g_fwd), ("g_fb", g_fwd_bwd), ("d_fb", d_fwd_bwd)]}
+    if args.train_step:
+        t["train"] = _train_step_time(res, cbase, cmax, zdim, args, device)
     row = dict(name=name, res=res, cbase=cbase, cmax=cmax, zdim=zdim, g_params=count_params(G),
                d_params=count_params(D), **t)
     row["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         row["gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return row
+
+
+def _train_step_time(res: int, cbase: int, cmax: int, zdim: int, args: argparse.Namespace,
+                     device: torch.device) -> float:
+    """One full training iteration of `GanTrainer` (ADA at p=0.2), lazy R1 and path-length
+    phases amortised over their intervals: t_G + t_D + t_pl / pl_interval + t_r1 / r1_interval
+    + t_ema (timing each phase keeps the big configs affordable)."""
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+
+    from cxredit.config import preset
+    from cxredit.data.store import ImageStore, StoreWriter
+    from cxredit.train.gan import GanTrainer
+
+    n = args.batch * 2
+    with tempfile.TemporaryDirectory() as d:
+        plan = pd.DataFrame({"path": [f"x{i}" for i in range(n)],
+                             "patient_id": [f"p{i}" for i in range(n)]})
+        w = StoreWriter(d + "/s", plan, res)
+        w.images[:] = np.random.default_rng(0).integers(0, 256, (n, res, res), np.uint8)
+        w.state[:] = 1
+        w.finish()
+        cfg = preset("paper128").replace(resolution=res, channel_base=cbase, channel_max=cmax,
+                                         z_dim=zdim, w_dim=zdim, batch=args.batch, aug="fixed",
+                                         aug_p=0.2, mapping_layers=args.mapping_layers)
+        tr = GanTrainer(cfg, ImageStore(d + "/s"), None, device=device, progress=False)
+        reals = tr.real_batch()
+        phases = {"g": tr.g_step, "d": lambda: tr.d_step(reals), "pl": tr.pl_step,
+                  "r1": lambda: tr.r1_step(reals), "ema": tr.ema_update}
+        t = {k: _time(f, device, 1, max(1, args.repeat // 2), args.stat)
+             for k, f in phases.items()}
+    return (t["g"] + t["d"] + t["pl"] / cfg.pl_interval + t["r1"] / cfg.r1_interval
+            + t["ema"])
 
 
 def _worker(name: str, args: argparse.Namespace, queue: mp.Queue) -> None:
@@ -110,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="modulated conv path for G (auto = the model default)")
     p.add_argument("--full", action="store_true", help="also run the 128 px 16384/512 config")
     p.add_argument("--configs", nargs="*", default=None, choices=list(CONFIGS))
+    p.add_argument("--train-step", action="store_true",
+                   help="also time one full training iteration (lazy regs amortised)")
     args = p.parse_args(argv)
 
     names = args.configs or [k for k in CONFIGS if args.full or k not in FULL_ONLY]
@@ -129,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
           f"fused_modconv {args.fused_modconv}, {platform.machine()} {os.cpu_count()} CPUs")
     print()
     mem = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
+    step = " train step s (img/s) |" if args.train_step else ""
     print(f"| config | R | cbase/cmax | z=w | G params | D params | G fwd s (img/s) "
-          f"| G fwd+bwd s (img/s) | D fwd+bwd s (img/s) | {mem} |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          f"| G fwd+bwd s (img/s) | D fwd+bwd s (img/s) |{step} {mem} |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if step else ""))
+    keys = ("g_fwd", "g_fb", "d_fb") + (("train",) if args.train_step else ())
     for r in rows:
-        cells = [f"{r[k]:.3f} ({n / r[k]:.0f})" for k in ("g_fwd", "g_fb", "d_fb")]
+        cells = [f"{r[k]:.3f} ({n / r[k]:.1f})" for k in keys]
         m = r.get("gpu_mb", r["rss_mb"])
         print(f"| {r['name']} | {r['res']} | {r['cbase']}/{r['cmax']} | {r['zdim']} "
               f"| {r['g_params'] / 1e6:.2f} M | {r['d_params'] / 1e6:.2f} M | "

@@ -189,3 +189,11 @@ def test_ddp_two_gloo_ranks_stay_identical(tmp_path):
     assert r0["step"] == r1["step"] == 6
     assert torch.equal(r0["flat"], r1["flat"])
     assert r0["p"] == r1["p"]
+
+
+def test_bf16_precision_trains_with_finite_losses(tmp_path):
+    store = _blob_store(tmp_path / "s", n=16)
+    tr = GanTrainer(_cfg(kimg=0.024, precision="bf16", aug="ada"), store, None, progress=False)
+    rec = tr.fit()
+    assert tr.step == 3 and np.isfinite(rec["loss/G"]) and np.isfinite(rec["loss/D"])
+    assert all(p.dtype == torch.float32 for p in tr.G.parameters())  # master weights stay fp32

@@ -295,14 +295,19 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_invert(p: argparse.ArgumentParser) -> None:
+def _add_image_source(p: argparse.ArgumentParser) -> None:
+    """--images FILES... | --store STORE [--split] [--query]: what invert/project read."""
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", help="image files (PNG/JPEG/DICOM)")
     src.add_argument("--store", help="store folder")
-    p.add_argument("--encoder", required=True, help="encoder run folder or checkpoint")
-    p.add_argument("--out", required=True, help="latents .npz (a .json sidecar is written)")
     p.add_argument("--split", choices=["train", "val", "test"], help="store split")
     p.add_argument("--query", help="store label query, e.g. \"Cardiomegaly==1\"")
+
+
+def _add_invert(p: argparse.ArgumentParser) -> None:
+    _add_image_source(p)
+    p.add_argument("--encoder", required=True, help="encoder run folder or checkpoint")
+    p.add_argument("--out", required=True, help="latents .npz (a .json sidecar is written)")
     p.add_argument("--gan", help="generator for reconstructions (default: E's own)")
     p.add_argument("--batch", type=int, default=32, help="images per forward pass")
     p.add_argument("--recon-dir", help="also write reconstructions (PNG, marked synthetic)")
@@ -394,13 +399,9 @@ def run_edit_cmd(args: argparse.Namespace) -> int:
 
 
 def _add_project(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", help="image files (PNG/JPEG/DICOM)")
-    src.add_argument("--store", help="store folder")
+    _add_image_source(p)
     p.add_argument("--gan", required=True, help="GAN run folder or checkpoint")
     p.add_argument("--out", required=True, help="latents .npz (resumable: re-run to continue)")
-    p.add_argument("--split", choices=["train", "val", "test"], help="store split")
-    p.add_argument("--query", help="store label query, e.g. \"Cardiomegaly==1\"")
     p.add_argument("--limit", type=int, help="project only the first N selected images")
     p.add_argument("--space", choices=["w", "w+"], default="w", help="latent space")
     p.add_argument("--init", choices=["mean", "encoder"], default="mean",
