@@ -129,3 +129,31 @@ def test_invert_cli_roundtrip(gan_and_store, tmp_path, capsys):
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["count"] == len(rows)
     assert main(["invert", "--encoder", str(tmp_path / "enc"), "--out", str(out)]) == 2
+
+
+def _ddp_worker(rank, world, port, gan, store_dir, out_dir):
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from cxredit.train import distributed as dist
+
+    dist.setup("cpu")
+    tr = EncoderTrainer(_cfg(kimg=0.024), load_generator(gan), ImageStore(store_dir), None,
+                        progress=False)
+    tr.fit()
+    state = torch.cat([t.detach().float().flatten() for t in tr.E.state_dict().values()])
+    torch.save({"state": state, "step": tr.step}, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.cleanup()
+
+
+def test_ddp_two_gloo_ranks_hold_the_same_encoder(gan_and_store, tmp_path):
+    from test_train_gan import _free_port
+
+    gan, store_dir = gan_and_store
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(gan), str(store_dir),
+                                                   str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["step"] == r1["step"] == 3
+    assert torch.equal(r0["state"], r1["state"])  # weights and BatchNorm statistics

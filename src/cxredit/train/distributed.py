@@ -94,6 +94,15 @@ def broadcast_module_(module: torch.nn.Module) -> None:
         dist.broadcast(t.data, src=0)
 
 
+def broadcast_buffers_(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (e.g. BatchNorm running statistics) to every rank, as DDP's
+    `broadcast_buffers=True` does, so that all ranks hold the same model."""
+    if world_size() == 1:
+        return
+    for t in module.buffers():
+        dist.broadcast(t.data, src=0)
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

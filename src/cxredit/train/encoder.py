@@ -138,6 +138,7 @@ class EncoderTrainer(Trainer):
         self.synthetic_cycle()
         if self.cfg.real_cycle:
             self.real_cycle()
+        dist.broadcast_buffers_(self.E)  # BatchNorm statistics: rank 0's, as DDP does
 
     def state_dict(self) -> dict:
         return {"config": self.cfg.to_dict(), "step": self.step, "nimg": self.nimg,
