@@ -113,7 +113,7 @@ def test_project_images_validation(G, caplog, monkeypatch):
     x = torch.zeros(2, 1, 16, 16)
     with pytest.raises(ValueError, match="16-px generator"):
         project_images(G, torch.zeros(2, 1, 32, 32), steps=1)
-    with pytest.raises(ValueError, match="LPIPS is not available"):
+    with pytest.raises(ValueError, match="LIN_WEIGHTS,VGG16_WEIGHTS"):
         project_images(G, x, steps=1, lpips_weights="vgg.pth")
     with pytest.raises(ValueError, match="init must be"):
         project_images(G, x, space="w", init=torch.zeros(2, G.num_ws, G.w_dim), steps=1)
@@ -230,4 +230,4 @@ def test_project_validation(gan, tmp_path):
     with pytest.raises(ValueError, match="either --images or --store"):
         project(run, out, progress=False)
     with pytest.raises(ValueError, match="LPIPS"):
-        project(run, out, store=store, lpips_weights="w.pth", progress=False)
+        project(run, out, store=store, lpips_weights="w.pth,v.pth", progress=False)

@@ -412,7 +412,9 @@ def _add_project(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="peak Adam learning rate")
     p.add_argument("--seed", type=int, default=0, help="seed of the latent noise")
     p.add_argument("--recon-dir", help="also write reconstructions (PNG, marked synthetic)")
-    p.add_argument("--lpips-weights", help="local LPIPS weights (not supported in this build)")
+    p.add_argument("--lpips-weights", metavar="LIN,VGG16",
+                   help="add LPIPS to the loss, from local files: the lpips package's vgg.pth "
+                        "and torchvision's VGG-16 ImageNet weights, comma-separated")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

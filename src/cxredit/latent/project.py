@@ -108,20 +108,26 @@ def _noise_maps(layers: list[SynthesisLayer], maps: list[Tensor]):
             layer.noise_const = buf
 
 
-def _check_lpips(lpips_weights: str | None) -> None:
-    """Refuse LPIPS (no package in this build); otherwise say once that it is not used."""
+def _check_lpips(lpips_weights, device: torch.device | str = "cpu"):
+    """The LPIPS module when the user has its weights locally (a "LIN,VGG16" file pair or an
+    LPIPS module); otherwise say once that the loss is MSE + SSIM only (nothing downloaded)."""
     global _lpips_note_logged
+    if isinstance(lpips_weights, torch.nn.Module):
+        return lpips_weights
     if lpips_weights is not None:
-        raise ValueError(f"LPIPS is not available in this build (no LPIPS package), so the "
-                         f"weights {lpips_weights!r} cannot be used; projection uses MSE + SSIM")
+        from cxredit.metrics.lpips import LPIPS
+
+        return LPIPS(lpips_weights).to(device)
     if not _lpips_note_logged:
         log.info("no local LPIPS weights; using MSE + SSIM")
         _lpips_note_logged = True
+    return None
 
 
-def _image_loss(img: Tensor, target: Tensor) -> Tensor:
-    """MSE + (1 - SSIM) per image, [N]."""
-    return (img - target).square().mean(dim=(1, 2, 3)) + 1 - ssim(img, target)
+def _image_loss(img: Tensor, target: Tensor, lpips=None) -> Tensor:
+    """MSE + (1 - SSIM) (+ LPIPS) per image, [N]."""
+    loss = (img - target).square().mean(dim=(1, 2, 3)) + 1 - ssim(img, target)
+    return loss if lpips is None else loss + lpips(img, target)
 
 
 def project_images(G: Generator, targets: Tensor, space: str = "w", init: Tensor | None = None,
@@ -145,7 +151,8 @@ def project_images(G: Generator, targets: Tensor, space: str = "w", init: Tensor
             (1 - t / noise_ramp)^2 to zero at t = noise_ramp (in W+ drawn per layer).
         optimize_noise: also optimise per-image noise maps (regularised, weight
             `noise_weight`); they are returned, since `w` alone no longer reproduces the image.
-        lpips_weights: not supported in this build (ValueError if given).
+        lpips_weights: "LIN_WEIGHTS,VGG16_WEIGHTS" local files: adds LPIPS to the loss
+            (`cxredit.metrics.lpips`); None = MSE + SSIM only.
         generator: draws one seed per image, in order (None: torch's default RNG).
         seeds: per-image seeds instead of `generator` (a seed fixes the image's result).
         callback: called as callback(step, mean loss) after every step.
@@ -156,7 +163,7 @@ def project_images(G: Generator, targets: Tensor, space: str = "w", init: Tensor
          "loss_history": [steps] mean loss per step (with the latent noise of that step),
          "noise": list of [N,1,r,r] maps (only with optimize_noise)}, all detached.
     """
-    _check_lpips(lpips_weights)
+    lpips = _check_lpips(lpips_weights, targets.device)
     if space not in SPACES:
         raise ValueError(f"space must be one of {SPACES}, got {space!r}")
     if steps < 1:
@@ -190,7 +197,7 @@ def project_images(G: Generator, targets: Tensor, space: str = "w", init: Tensor
             scale = w_std * initial_noise_factor * max(0.0, 1.0 - t / noise_ramp) ** 2 \
                 if noise_ramp > 0 else 0.0
             w_in = w_opt + _randn(gens, w_opt.shape[1:], dev) * scale if scale > 0 else w_opt
-            loss = _image_loss(G.synthesis(w_in, noise_mode="const"), targets)  # [N]
+            loss = _image_loss(G.synthesis(w_in, noise_mode="const"), targets, lpips)  # [N]
             total = loss.sum()  # summed, not averaged: no image's gradient depends on N
             if maps:
                 total = total + noise_weight * _noise_reg(maps).sum()
@@ -281,7 +288,8 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
         batch: images optimised together.
         seed: base of the per-image seeds (latent / noise draws).
         recon_dir: write G(w) as PNG here (marked synthetic).
-        lpips_weights: not supported in this build (ValueError if given).
+        lpips_weights: "LIN_WEIGHTS,VGG16_WEIGHTS" local files: adds LPIPS to the loss
+            (`cxredit.metrics.lpips`); None = MSE + SSIM only.
         device: torch device (default: cuda if available).
         progress: tqdm bar over images with the current mean loss.
 
@@ -311,8 +319,8 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
                          f"{limit}")
     if Path(out).suffix != ".npz":
         raise ValueError(f"{out}: latents must be written to a .npz file")
-    _check_lpips(lpips_weights)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lpips = _check_lpips(lpips_weights, dev)  # loaded once, before any work
     gan_ck = find_checkpoint(gan)
     gan_sha = checkpoint_sha256(gan_ck)
     G = load_generator(gan_ck, dev)
@@ -344,6 +352,7 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
             log.warning("encoder %s was trained with another generator", info["checkpoint"])
         enc = {"path": info["checkpoint"], "sha256": checkpoint_sha256(info["checkpoint"])}
     settings = {"steps": steps, "space": space, "init": init, "lr": lr, "seed": seed,
+                "loss": LOSS + ("+lpips" if lpips is not None else ""),
                 "generator_sha256": gan_sha, "encoder_sha256": enc and enc["sha256"],
                 "selection_sha1": hashlib.sha1("\n".join(ids).encode()).hexdigest()}
     part = partial_path(out)
@@ -365,7 +374,8 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
         with torch.no_grad():
             start = E(x) if E is not None else None
         res = project_images(G, x, space=space, init=start, steps=steps, lr=lr,
-                             seeds=[_image_seed(ids[i], seed) for i in idx], callback=show)
+                             seeds=[_image_seed(ids[i], seed) for i in idx], callback=show,
+                             lpips_weights=lpips)
         for k, i in enumerate(idx):
             done[ids[i]] = (res["w"][k].cpu().numpy(),
                             *(float(res[m][k]) for m in ("mse", "ssim", "psnr")))
@@ -380,7 +390,8 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
     metrics = {m: np.asarray([done[k][j] for k in ids], np.float32)
                for j, m in enumerate(("mse", "ssim", "psnr"), start=1)}
     side = {"method": "project", "space": space, "init": init, "steps": steps, "lr": lr,
-            "seed": seed, "loss": LOSS, "generator": {"path": str(gan_ck), "sha256": gan_sha},
+            "seed": seed, "loss": settings["loss"],
+            "generator": {"path": str(gan_ck), "sha256": gan_sha},
             "encoder": enc,
             "source": {"store": str(store) if store else None, "split": split, "query": query,
                        "limit": limit}}
