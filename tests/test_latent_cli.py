@@ -88,6 +88,20 @@ def test_directions_and_edits_cli(pipeline, capsys):
     pair = pipeline / "pair.npz"
     assert main(["direction", "--method", "pair", "--pairs", str(pipeline / "I.npz"),
                  str(pipeline / "I_star.npz"), "--out", str(pair)]) == 0
+    # the same in one command, from the images, by encoder and by projection
+    for how, extra in (("encoder", []), ("project", ["--gan", str(pipeline / "gan"),
+                                                     "--steps", "5"])):
+        out = pipeline / f"pair_{how}.npz"
+        assert main(["direction", "--method", "pair", "--image-pairs", str(pipeline / "I.png"),
+                     str(pipeline / "I_star.png"), "--latents-from", how, "--encoder",
+                     str(pipeline / "enc"), *extra, "--out", str(out)]) == 0
+        v_how, _ = load_direction(out)
+        assert v_how.shape == (8,)
+        if how == "encoder":
+            np.testing.assert_allclose(v_how, load_direction(pair)[0], atol=1e-6)
+        assert (pipeline / f"pair_{how}_pairs" / "pairs_Istar.npz").exists()
+    assert main(["direction", "--method", "pair", "--image-pairs", str(pipeline / "I.png"),
+                 "--out", str(pipeline / "x.npz")]) == 2
     capsys.readouterr()
     assert main(["direction", "compare", str(lda), str(pair), str(cond)]) == 0
     assert "1.000" in capsys.readouterr().out

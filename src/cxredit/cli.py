@@ -489,6 +489,15 @@ def _add_direction(p: argparse.ArgumentParser) -> None:
     p.add_argument("--meta", help="store folder or meta.csv matching --latents")
     p.add_argument("--pairs", nargs=2, metavar=("LATENTS_I", "LATENTS_ISTAR"),
                    help="pair: latents of I and of I* (matched by id or position)")
+    p.add_argument("--image-pairs", nargs="+", metavar="IMAGE",
+                   help="pair: images I1 I1* [I2 I2* ...] (I* e.g. from enlarge-heart); their "
+                        "latents are made with --latents-from and kept next to --out")
+    p.add_argument("--latents-from", choices=["encoder", "project"], default="encoder",
+                   help="pair with --image-pairs: encoder inversion or projection")
+    p.add_argument("--encoder", help="encoder run (--latents-from encoder, or projection init)")
+    p.add_argument("--gan", help="GAN run (--latents-from project)")
+    p.add_argument("--steps", type=int, default=500, help="projection steps per image")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--column", default="Cardiomegaly", help="label column of the positives")
     p.add_argument("--positive", default="1", help="value of --column for the positives")
     p.add_argument("--negative-query", default=None, help="query for the negatives")
@@ -511,9 +520,21 @@ def run_direction_cmd(args: argparse.Namespace) -> int:
     method = args.primary if args.method == "conditional" else args.method
     if args.method == "conditional" and not args.condition:
         raise ValueError("--method conditional needs at least one --condition COLUMN")
+    pairs = args.pairs
+    if args.image_pairs:
+        from pathlib import Path
+
+        from cxredit.latent.directions import pair_latents_from_images
+
+        if args.method != "pair":
+            raise ValueError("--image-pairs goes with --method pair")
+        out = Path(args.out)
+        pairs = pair_latents_from_images(args.image_pairs, args.latents_from,
+                                         out.with_name(out.stem + "_pairs"), args.encoder,
+                                         args.gan, args.steps, device=args.device)
     res = make_direction(method, args.latents, args.meta, args.column, _value(args.positive),
                          args.negative_query, args.where, args.condition or None, None,
-                         args.pairs, args.shrinkage, args.C, args.out)
+                         pairs, args.shrinkage, args.C, args.out)
     extra = f", separation {res['separation']:.2f}" if res.get("separation") is not None else ""
     print(f"{res['out']}: {res['method']} direction in {res['space']}{extra}")
     return 0

@@ -429,3 +429,49 @@ def _pairs(pairs: Sequence[str | os.PathLike] | None) -> tuple[np.ndarray, dict 
             gens[0]["sha256"] != gens[1]["sha256"]:
         raise ValueError("the I and I* latents come from different generators")
     return pair_direction(wa, wb), gens[0] or gens[1] or None, [_file_ref(p) for p in pairs]
+
+
+def pair_latents_from_images(image_pairs: Sequence[str], latents_from: str, out_dir: str | Path,
+                             encoder: str | None = None, gan: str | None = None,
+                             steps: int = 500, space: str = "w", device: str | None = None,
+                             progress: bool = True) -> tuple[Path, Path]:
+    """Latents of the images I and I* of the paper's pair method, by encoder or projection.
+
+    Args:
+        image_pairs: I_1, I*_1, I_2, I*_2, ... (image files).
+        latents_from: "encoder" (E(I), fast) or "project" (optimisation started from E(I)
+            when an encoder is given, else from the mean w).
+        out_dir: where `pairs_I.npz` and `pairs_Istar.npz` are written (kept: they document
+            the direction).
+        encoder, gan: encoder run (needed for "encoder") and GAN run (needed for "project").
+        steps, space: projection settings.
+
+    Returns:
+        Paths of the two latents files (rows in pair order), ready for `make_direction`.
+    """
+    if len(image_pairs) < 2 or len(image_pairs) % 2:
+        raise ValueError("--image-pairs needs pairs: I1 I1* [I2 I2* ...]")
+    if latents_from not in ("encoder", "project"):
+        raise ValueError(f"--latents-from must be encoder or project, got {latents_from!r}")
+    if latents_from == "encoder" and not encoder:
+        raise ValueError("--latents-from encoder needs --encoder")
+    if latents_from == "project" and not gan:
+        raise ValueError("--latents-from project needs --gan")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, imgs in (("pairs_I", image_pairs[0::2]), ("pairs_Istar", image_pairs[1::2])):
+        out = out_dir / f"{name}.npz"
+        if latents_from == "encoder":
+            from cxredit.latent.invert import invert
+
+            invert(encoder, out, images=list(imgs), gan=gan, metrics=gan is not None,
+                   device=device, progress=progress)
+        else:
+            from cxredit.latent.project import project
+
+            project(gan, out, images=list(imgs), space=space,
+                    init="encoder" if encoder else "mean", encoder=encoder, steps=steps,
+                    device=device, progress=progress)
+        paths.append(out)
+    return paths[0], paths[1]
