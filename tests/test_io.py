@@ -415,8 +415,11 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
 def test_write_dicom_round_trip_and_attributes(tmp_path):
     img = np.linspace(0, 1, 30, dtype=np.float32).reshape(5, 6)
     src = make_dicom(tmp_path / "orig.dcm", RAMP12, bits_stored=12, PatientName="Doe^J")
+    anon = pydicom.dcmread(write_dicom(tmp_path / "anon.dcm", img, like=src))
+    assert str(anon.PatientName) == "" and anon.PatientID == ""  # identity not copied by default
+    assert anon.StudyInstanceUID != "1.2.3.4"
     out = write_dicom(tmp_path / "edited.dcm", img, {"direction": "cardiomegaly", "alpha": "2"},
-                      like=src)
+                      like=src, keep_identity=True)
     np.testing.assert_allclose(read_xray(out), img, atol=1 / 65535 + 1e-7)
     ds = pydicom.dcmread(out)
     assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"

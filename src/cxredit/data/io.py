@@ -487,12 +487,17 @@ def read_png_text(path: PathLike) -> dict[str, str]:
         raise XrayReadError(path, f"cannot read PNG ({type(err).__name__}: {err})") from err
 
 
-_LIKE_KEYWORDS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription", "ViewPosition", "BodyPartExamined",
+# Copied from a template DICOM: attributes that describe the image but identify nobody...
+_LIKE_NON_IDENTIFYING = (
+    "PatientSex", "PatientAge", "StudyDescription", "ViewPosition", "BodyPartExamined",
     "PatientOrientation", "Laterality",
-)  # patient/study level: the edited image joins the original's study as a new series
+)
+# ... and, only with keep_identity=True, those that tie the image to a patient and study (the
+# edited image then joins the original's study as a new series).
+_LIKE_IDENTIFYING = (
+    "PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID", "StudyDate",
+    "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+)
 
 
 def write_dicom(
@@ -500,6 +505,7 @@ def write_dicom(
     img: np.ndarray,
     provenance: Mapping[str, str] | None = None,
     like: PathLike | None = None,
+    keep_identity: bool = False,
 ) -> Path:
     """Write a 16-bit MONOCHROME2 Secondary Capture DICOM, atomically.
 
@@ -512,8 +518,11 @@ def write_dicom(
         path: Output file (parent folders are created).
         img: ``float [H, W]`` in ``[0, 1]`` or ``uint8``/``uint16 [H, W]``.
         provenance: Key/value pairs recorded in ImageComments.
-        like: Optional source DICOM; its patient and study attributes are copied so
-            the image lands in the same study as a new series.
+        like: Optional source DICOM; its non-identifying descriptive attributes (sex, age,
+            view, body part, ...) are copied.
+        keep_identity: also copy patient and study identifiers (name, ID, birth date, study
+            UID, accession, ...) so the image lands in the source's study as a new series.
+            Off by default: a synthetic edit should not carry a real patient's identity.
 
     Returns:
         The written path.
@@ -536,7 +545,8 @@ def write_dicom(
             src = pydicom.dcmread(like, stop_before_pixels=True, force=True)
         except Exception as err:
             raise XrayReadError(like, f"cannot read template DICOM ({err})") from err
-        for keyword in _LIKE_KEYWORDS:
+        keywords = _LIKE_NON_IDENTIFYING + (_LIKE_IDENTIFYING if keep_identity else ())
+        for keyword in keywords:
             if keyword in src:
                 setattr(ds, keyword, src.data_element(keyword).value)
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
