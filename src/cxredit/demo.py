@@ -6,8 +6,9 @@ This version runs the stages that exist today, end to end and for real:
 2. prints the store summary and the CTR distribution of both classes;
 3. trains a small StyleGAN2 on a phantom training set for a short time (CPU-sized) and writes
    a sample grid next to a grid of real phantoms.
-Stages that need trained weights shipped with the package (encoder, projection, separability,
-directions, editing, report) are added by later versions; the demo says so at the end.
+The encoder, projection, separability, direction and edit commands exist, but a meaningful run
+of them needs a well-trained generator; they join the demo with the shipped phantom-trained
+weights (a later version). The demo says so at the end.
 """
 
 from __future__ import annotations
@@ -83,5 +84,5 @@ def print_summary(s: dict, out: Path) -> None:
           f"loss D {g['loss_D']:.3f}; samples: {g['samples']}")
     print(f"  real phantoms      {out / 'real_phantoms.png'}")
     print(f"  time               {s['seconds']} s")
-    print("  not yet in this version: shipped weights, encoder, projection, separability, "
-          "directions, editing, report")
+    print("  not in the demo yet: shipped phantom-trained weights, and with them the encoder, "
+          "projection, separability, direction and edit steps (the commands exist: see README)")
