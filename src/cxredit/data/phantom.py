@@ -28,6 +28,11 @@ from functools import lru_cache
 import numpy as np
 from scipy.optimize import brentq
 
+try:  # the clip ufunc itself: np.clip's Python layers cost more than its work on 128 px maps
+    from numpy._core.umath import clip as _clip  # numpy >= 2
+except ImportError:  # pragma: no cover (numpy 1.x)
+    from numpy.core.umath import clip as _clip
+
 MASK_NAMES = ("heart", "right_lung", "left_lung")  # order of the mask channels
 CARDIOMEGALY_CTR = 0.5  # label threshold: cardiomegaly if CTR > 0.5
 HEALTHY_CTR_RANGE = (0.38, 0.48)
@@ -223,6 +228,11 @@ def sample_case(seed: int, cardiomegaly: bool, device_prob_healthy: float = DEVI
     return subject, heart_scale_for_ctr(subject, float(target))
 
 
+_TRUNK_SIDE = np.repeat([-1.0, 1.0], 7)  # vessel trunks: 7 per lung ...
+_TRUNK_BASE = np.tile([-85.0, -55, -25, 5, 35, 60, 85], 2)  # ... at these angles (degrees)
+_TURN_SIGN = np.array([1.0, -1.0])  # the two daughters of a branch turn opposite ways
+
+
 def _vessel_tree(s: Subject, rng: np.random.Generator) -> np.ndarray:
     """Sample points of a pulmonary vessel tree in both lungs: [K,3] = (X, Y, weight).
 
@@ -231,8 +241,7 @@ def _vessel_tree(s: Subject, rng: np.random.Generator) -> np.ndarray:
     outside the lung fields are dropped (they would vanish in the mediastinum anyway).
     Points and directions are complex numbers (X + iY): a branch turns by a multiplication.
     """
-    side = np.repeat([-1.0, 1.0], 7)
-    base = np.tile([-85.0, -55, -25, 5, 35, 60, 85], 2)
+    side, base = _TRUNK_SIDE, _TRUNK_BASE
     rnd = rng.random((5, 14 * 16, 5))  # all randomness at once: [generation, segment, use]
     ang = np.deg2rad(base + 28 * (rnd[0, :14, 0] - 0.5))
     # Trunks leave along the hilum (upper ones higher), not from one point: no starburst.
@@ -241,17 +250,25 @@ def _vessel_tree(s: Subject, rng: np.random.Generator) -> np.ndarray:
     dirs = side * np.cos(ang) + 1j * np.sin(ang)
     length = 0.08 + 0.04 * rnd[0, :14, 2]
     weight = 0.6 + 0.15 * base / 85.0  # lower-lobe vessels are larger (gravity)
+    # Branch turns and shortenings of generations 0-3 in one go (generation g has 14 * 2**g
+    # segments and uses the first rows of rnd[g]; the last one does not branch): a few
+    # array ops instead of many tiny ones.
+    r = np.concatenate([rnd[g, :14 << g] for g in range(4)])
+    turns = np.exp(1j * (np.deg2rad(15 + 20 * r[:, :2]) * _TURN_SIGN + 0.2 * (r[:, 2:4] - 0.5)))
+    shrink = 0.65 + 0.2 * r[:, 4]
     pts, wts = [], []
     for g in range(5):
         seg = dirs * length
-        n = max(2, int(np.ceil(length.mean() / 0.012)))  # ~0.8 px apart at 128 px
+        k = len(start)
+        n = max(2, math.ceil(float(length.sum()) / k / 0.012))  # ~0.8 px apart at 128 px
         pts.append((start[:, None] + ((np.arange(n) + 0.5) / n) * seg[:, None]).ravel())
         wts.append(np.repeat(weight * length / n, n))
-        r = rnd[g, :len(start)]
-        turn = np.exp(1j * (np.deg2rad(15 + 20 * r[:, :2]) * [1.0, -1.0] + 0.2 * (r[:, 2:4] - 0.5)))
-        dirs = (dirs[:, None] * turn).ravel()
+        if g == 4:
+            break
+        used = slice(k - 14, 2 * k - 14)  # this generation's rows of turns / shrink
+        dirs = (dirs[:, None] * turns[used]).ravel()
         start = np.repeat(start + seg, 2)
-        length = np.repeat(length * (0.65 + 0.2 * r[:, 4]), 2)
+        length = np.repeat(length * shrink[used], 2)
         weight = np.repeat(weight, 2) * 0.7
     p, w = np.concatenate(pts), np.concatenate(wts)
     v = np.stack([p.real, p.imag, w], 1).astype(np.float32)
@@ -295,7 +312,7 @@ def _to_anatomy(s: Subject, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, n
 def _wall(s: Subject, Y: np.ndarray) -> np.ndarray:
     """Inner rib-cage half-width at height Y: a squared-off arch, vertical below its widest."""
     widest = s.dome_r - 0.08
-    t = np.clip((widest - Y) * (1.0 / (widest - s.cage_top)), 0.0, 1.0)
+    t = _clip((widest - Y) * (1.0 / (widest - s.cage_top)), 0.0, 1.0)
     t2 = t * t
     return s.thorax_hw * np.sqrt(1.0 - t2 * (s.cage_round + (1.0 - s.cage_round) * t2))
 
@@ -312,7 +329,7 @@ def _dome(s: Subject, ax: np.ndarray, lf: np.ndarray | float) -> np.ndarray:
 
 def _diaphragm(s: Subject, X: np.ndarray) -> np.ndarray:
     """One diaphragm line across the body (the domes blended over the spine): clips the heart."""
-    w = np.clip(0.5 + X * 5.0, 0.0, 1.0)
+    w = _clip(0.5 + X * 5.0, 0.0, 1.0)
     return _dome(s, np.abs(X), w)
 
 
@@ -323,7 +340,7 @@ def _lung_dist(s: Subject, ax: np.ndarray, Y: np.ndarray, lf: np.ndarray) -> np.
     dome and above its hemidiaphragm; the aortic knob bulges into the left one (lf = 1).
     """
     # Above the heart the mediastinum widens into the vascular pedicle, hiding the heart's top.
-    up = np.clip((s.carina_y + 0.12 - Y) * 12.5 + 0.5, 0.0, 1.0)
+    up = _clip((s.carina_y + 0.12 - Y) * 12.5 + 0.5, 0.0, 1.0)
     med = s.med_lo + (s.med_up_r - s.med_lo + (s.med_up_l - s.med_up_r) * lf) * up
     d = np.minimum(_wall(s, Y) - ax, ax - med)
     apex = (ax - 0.45 * s.thorax_hw) * (1.0 / s.thorax_hw)
@@ -428,9 +445,11 @@ def _thoracic_width(s: Subject) -> float:
         return _WIDTHS[s]
     Y = np.linspace(s.cage_top, 1.2, 800)
     ax = _wall(s, Y)
+    # wall points that bound the lung, both sides in one call (lf = 0 right, 1 left)
+    n = len(Y)
+    ok2 = _lung_dist(s, np.tile(ax - 1e-9, 2), np.tile(Y, 2), np.repeat([0.0, 1.0], n)) > -1e-6
     walls = []
-    for lf in (0.0, 1.0):
-        ok = _lung_dist(s, ax - 1e-9, Y, lf) > -1e-6  # wall points that bound the lung
+    for lf, ok in ((0.0, ok2[:n]), (1.0, ok2[n:])):
         x, y = _to_image(s, ax[ok] if lf else -ax[ok], Y[ok])
         o = np.argsort(y)
         walls.append((x[o], y[o]))
@@ -477,7 +496,7 @@ def ctr_from_masks(masks: np.ndarray, midline_x: float) -> float:
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] != 3:
         raise ValueError(f"masks must be [3,R,R] (heart, right_lung, left_lung), got {masks.shape}")
-    heart, right, left = (m.astype(bool) for m in masks)
+    heart, right, left = (m.astype(bool, copy=False) for m in masks)
     cols = np.flatnonzero(heart.any(0))
     both = right.any(1) & left.any(1)
     if cols.size == 0 or not both.any():
@@ -501,10 +520,10 @@ def _grid(R: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tube(c: np.ndarray) -> np.ndarray:
-    """Projected thickness across a hollow bone at normalised offset c (|c| >= 1: outside):
-    brighter cortical margins, as ribs and clavicles show on films."""
-    c2 = c * c
-    return np.sqrt(np.maximum(1.0 - c2, 0.0)) - 0.5 * np.sqrt(np.maximum(1.0 - 1.8 * c2, 0.0))
+    """Projected thickness across a hollow bone at normalised offset c in [-1, 1] (callers
+    clamp; |c| = 1 is outside): brighter cortical margins, as ribs and clavicles show."""
+    c2 = c * c  # <= 1, so 1 - c2 needs no clamping at 0
+    return np.sqrt(1.0 - c2) - 0.5 * np.sqrt(np.maximum(1.0 - 1.8 * c2, 0.0))
 
 
 def _bump(r2: np.ndarray) -> np.ndarray:
@@ -532,14 +551,15 @@ def _window(s: Subject, R: int, xr: tuple[float, float],
 def _splat(s: Subject, pts: np.ndarray, w: np.ndarray, R: int) -> np.ndarray:
     """Bilinear splat of anatomical points into an [R,R] density map (per unit area)."""
     x, y = _to_image(s, pts[:, 0], pts[:, 1])
-    px = np.clip((x + 1) * (R / 2) - 0.5, 0, R - 1.001)  # points off the film pile up on the
-    py = np.clip((y + 1) * (R / 2) - 0.5, 0, R - 1.001)  # border; none are that far out
+    px = _clip((x + 1) * (R / 2) - 0.5, 0, R - 1.001)  # points off the film pile up on the
+    py = _clip((y + 1) * (R / 2) - 0.5, 0, R - 1.001)  # border; none are that far out
     i0, j0 = px.astype(np.int64), py.astype(np.int64)
     fx, fy = px - i0, py - j0
     k = j0 * R + i0
     idx = np.concatenate([k, k + 1, k + R, k + R + 1])
     ww = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    ww *= np.tile(w, 4)
+    corners = ww.reshape(4, -1)  # a view: broadcasting beats np.tile of a strided column
+    corners *= w
     out = np.bincount(idx, ww, minlength=R * R).reshape(R, R)
     return (out * (R / 2 * s.scale) ** 2).astype(np.float32)
 
@@ -547,7 +567,9 @@ def _splat(s: Subject, pts: np.ndarray, w: np.ndarray, R: int) -> np.ndarray:
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur (edges replicated, kernel cut at 3 sigma) of an [R,R] map.
 
-    Shifted-slice sums: several times faster than scipy's correlate1d on 128 px maps.
+    Shifted-slice sums: several times faster than scipy's correlate1d on 128 px maps. Both
+    passes run on flat, contiguous slices (ufuncs on strided 2-D views are ~2x slower); the
+    column pass computes a few outputs that straddle two padded rows and drops them.
     """
     r = int(3.0 * sigma + 0.5)
     if r < 1:
@@ -555,15 +577,26 @@ def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k = (k / k.sum()).astype(np.float32)
     R0, R1 = a.shape
-    p = np.concatenate([np.repeat(a[:1], r, 0), a, np.repeat(a[-1:], r, 0)], 0)
-    a = k[r] * p[r:r + R0]
-    for i in range(r):  # symmetric kernel: pair the taps
-        a += k[i] * (p[i:i + R0] + p[2 * r - i:2 * r - i + R0])
-    p = np.concatenate([np.repeat(a[:, :1], r, 1), a, np.repeat(a[:, -1:], r, 1)], 1)
-    a = k[r] * p[:, r:r + R1]
-    for i in range(r):
-        a += k[i] * (p[:, i:i + R1] + p[:, 2 * r - i:2 * r - i + R1])
-    return a
+    p = np.empty((R0 + 2 * r, R1), a.dtype)  # rows padded by replication
+    p[:r], p[r:r + R0], p[r + R0:] = a[:1], a, a[-1:]
+    a = _taps(p.ravel(), k, R1, R0 * R1).reshape(R0, R1)
+    L = R1 + 2 * r
+    p = np.empty((R0, L), a.dtype)  # columns padded by replication
+    p[:, :r], p[:, r:r + R1], p[:, r + R1:] = a[:, :1], a, a[:, -1:]
+    out = np.empty(R0 * L, a.dtype)
+    out[:(R0 - 1) * L + R1] = _taps(p.ravel(), k, 1, (R0 - 1) * L + R1)
+    return np.ascontiguousarray(out.reshape(R0, L)[:, :R1])
+
+
+def _taps(p: np.ndarray, k: np.ndarray, step: int, n: int) -> np.ndarray:
+    """out[m] = sum_i k[i] p[m + i step], m < n, for a symmetric kernel k of 2r + 1 taps."""
+    r = len(k) // 2
+    out = k[r] * p[r * step:r * step + n]
+    for i in range(r):  # pair the symmetric taps
+        t = p[i * step:i * step + n] + p[(2 * r - i) * step:(2 * r - i) * step + n]
+        t *= k[i]
+        out += t
+    return out
 
 
 def _spine(s: Subject, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
@@ -573,7 +606,7 @@ def _spine(s: Subject, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
     col = np.sqrt(np.maximum(1.0 - c * c, 0.0))
     ph = (Y - s.vert_phase) * (1.0 / s.vert_period)
     ph -= np.floor(ph)  # 0..1 along one vertebra, disc space at 0.5
-    body = 1.0 - 0.45 * np.clip((np.abs(ph - 0.5) - 0.38) * 8.0, 0.0, 1.0)
+    body = 1.0 - 0.45 * _clip((np.abs(ph - 0.5) - 0.38) * 8.0, 0.0, 1.0)
     pu, pv = (np.abs(X) - 0.62 * hw) / (0.17 * hw), (ph - 0.35) * 6.0
     ring = np.sqrt(pu * pu + pv * pv) - 0.75
     return 0.75 * col * body + 0.2 * _bump(ring * ring * 6.0)
@@ -589,7 +622,7 @@ def _ribs(s: Subject, Y: np.ndarray, ax: np.ndarray) -> np.ndarray:
     z0 = s.apex_y - 0.03
 
     def drop(d: np.ndarray | float, Yv: np.ndarray | float) -> np.ndarray | float:
-        alpha = s.rib_alpha * (1.0 + 0.5 * np.clip(Yv - s.apex_y, 0.0, 1.2))
+        alpha = s.rib_alpha * (1.0 + 0.5 * _clip(Yv - s.apex_y, 0.0, 1.2))
         return (alpha * d * (1.0 + d) - 0.10) * d  # level near the spine, steep laterally
 
     dp = 0.4 * W - x0  # rib n meets the right dome peak at 40% of W
@@ -602,25 +635,27 @@ def _ribs(s: Subject, Y: np.ndarray, ax: np.ndarray) -> np.ndarray:
     d = np.maximum(ax - x0, 0.0)
     q = index(Y - drop(d, Y))
     fq = (q - np.floor(q)) * (2.0 / s.rib_width) - 1.0
-    fade = np.clip((_wall(s, Y) + 0.035 - ax) * 33.0, 0.0, 1.0) * np.clip(
+    fade = _clip((_wall(s, Y) + 0.035 - ax) * 33.0, 0.0, 1.0) * _clip(
         (ax - x0) * 33.0 + 0.5, 0.0, 1.0)
     fade *= 1.0 - 0.4 * np.minimum(d * (1.0 / W), 1.0)  # lateral parts fainter (oblique)
-    A = s.rib_mu * _tube(np.minimum(fq, 1.0)) * fade * (q < n + 1.0)
+    # (fq, fa >= -1. Casting the cut-off masks first: float * bool arrays is slow in numpy.)
+    A = s.rib_mu * _tube(np.minimum(fq, 1.0)) * fade * (q < n + 1.0).astype(np.float32)
     # Anterior ribs start where posterior rib k meets the lateral wall (same index there).
     qa = index(Y - 0.45 * np.maximum(W - ax, 0.0) - float(drop(W - x0, 1.0)))
     fa = (qa - np.floor(qa)) * (2.0 / 0.55) - 1.0
-    span = np.clip((ax - 0.35 * W) * 12.0, 0.0, 1.0) * np.clip((W + 0.02 - ax) * 33.0, 0.0, 1.0)
-    return A + 0.45 * s.rib_mu * _tube(np.minimum(fa, 1.0)) * span * (qa < 6.5)
+    span = _clip((ax - 0.35 * W) * 12.0, 0.0, 1.0) * _clip((W + 0.02 - ax) * 33.0, 0.0, 1.0)
+    return A + 0.45 * s.rib_mu * _tube(np.minimum(fa, 1.0)) * span * (qa < 6.5).astype(
+        np.float32)
 
 
 def _girdle(s: Subject, Y: np.ndarray, ax: np.ndarray) -> np.ndarray:
     """Clavicles (near horizontal, gently S-shaped) and humeral heads."""
     W = s.thorax_hw
     t = (ax - 0.06) * (1.0 / (0.72 * W))
-    tt = np.clip(t, 0.0, 1.0)
+    tt = _clip(t, 0.0, 1.0)
     yc = s.clav_y - s.clav_rise * tt + 0.1 * tt * (1.0 - tt) * (0.5 - tt)
-    ends = np.clip(t * 20.0, 0.0, 1.0) * np.clip((1.0 - t) * 12.0, 0.0, 1.0)
-    A = 0.9 * _tube(np.clip((Y - yc) / (0.034 + 0.01 * tt), -1.0, 1.0)) * ends
+    ends = _clip(t * 20.0, 0.0, 1.0) * _clip((1.0 - t) * 12.0, 0.0, 1.0)
+    A = 0.9 * _tube(_clip((Y - yc) / (0.034 + 0.01 * tt), -1.0, 1.0)) * ends
     hx, hy = (ax - W - 0.23) * (1 / 0.13), (Y - s.clav_y - 0.02) * (1 / 0.13)
     return A + 0.6 * np.sqrt(np.maximum(1.0 - hx * hx - hy * hy, 0.0))
 
@@ -659,7 +694,7 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
     W = s.thorax_hw
 
     # Soft tissue: elliptical cross-section; narrow neck above the shoulders.
-    shoulder = np.clip((Y - s.apex_y + 0.2) * 5.0, 0.0, 1.0)
+    shoulder = _clip((Y - s.apex_y + 0.2) * 5.0, 0.0, 1.0)
     shoulder = shoulder * shoulder * (3.0 - 2.0 * shoulder)  # smoothstep: rounded shoulders
     yb = (Y - s.clav_y) * (1 / 0.3)
     r = ax / (0.3 + (W + s.body_margin - 0.3) * shoulder + 0.35 * _bump(yb * yb))
@@ -669,19 +704,22 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
     # Lungs replace part of the depth with air; darker in the middle, thinner at the apex.
     w = _window(s, R, (-W - 0.03, W + 0.03),
                 (s.apex_y - 0.03, s.dome_l + 0.36 * s.dome_c2 + 0.13 * s.dome_c4 + 0.03))
+    axw, Yw = _crop(w, ax, Y)
     d = np.full((R, R), -1.0, np.float32)
-    d[w] = dw = _lung_dist(s, ax[w], Y[w], (X[w] > 0).astype(np.float32))
+    d[w] = dw = _lung_dist(s, axw, Yw, (X[w] > 0).astype(np.float32))
+    lw = _clip(dw * (1 / px) + 0.5, 0.0, 1.0) * (0.4 + 0.6 * _clip(dw * 10.0, 0.0, 1.0))
+    lw *= s.lung_air * (0.7 + 0.3 * _clip((Yw - s.apex_y) * 2.5, 0.0, 1.0))
     lung = np.zeros((R, R), np.float32)
-    lung[w] = np.clip(dw * (1 / px) + 0.5, 0.0, 1.0) * (0.4 + 0.6 * np.clip(dw * 10.0, 0.0, 1.0))
-    lung[w] *= s.lung_air * (0.7 + 0.3 * np.clip((Y[w] - s.apex_y) * 2.5, 0.0, 1.0))
-    A[w] -= body[w] * lung[w]
+    lung[w] = lw
+    A[w] -= body[w] * lw
 
     # Heart: an ellipsoid-like mass; it displaces lung only inside its own outline, which is
     # what confines a heart-size change to the heart region (the counterfactual guarantee).
     w = _heart_box(s, R, h)
-    r2 = _heart_radius2(s, X[w], Y[w], h)
-    below = _diaphragm(s, X[w]) - Y[w]
-    hp = np.sqrt(np.maximum(1.0 - r2, 0.0)) * np.clip(below * (1 / px) + 0.5, 0.0, 1.0)
+    Xw, Yw = _crop(w, X, Y)
+    r2 = _heart_radius2(s, Xw, Yw, h)
+    below = _diaphragm(s, Xw) - Yw
+    hp = np.sqrt(np.maximum(1.0 - r2, 0.0)) * _clip(below * (1 / px) + 0.5, 0.0, 1.0)
     A[w] += body[w] * lung[w] * np.minimum(2.0 * hp, 0.85) + (s.heart_density * s.body_depth) * hp
     heart = np.zeros((R, R), bool)
     heart[w] = (r2 < 1) & (below > 0)
@@ -692,7 +730,7 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
     w = _window(s, R, (-0.06, 0.06), (-1.5, s.carina_y + 0.03))
     yk = (Y[w] - s.knob[1]) * 5.0
     tx = (X[w] + 0.012 * _bump(yk * yk)) * (1 / 0.045)
-    A[w] -= 0.3 * body[w] * np.sqrt(np.maximum(1.0 - tx * tx, 0.0)) * np.clip(
+    A[w] -= 0.3 * body[w] * np.sqrt(np.maximum(1.0 - tx * tx, 0.0)) * _clip(
         (s.carina_y - Y[w]) * 25.0, 0.0, 1.0)
     if s.bubble > 0:
         w = _window(s, R, (0.45 * W - 0.1, 0.45 * W + 0.1), (s.dome_l + 0.06, s.dome_l + 0.18))
@@ -706,7 +744,7 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
         if s.breast > 0:
             cx, cy = side * 0.55 * W, s.dome_r - 0.02
             w = _window(s, R, (cx - 0.34, cx + 0.34), (cy - 0.24, cy + 0.24))
-            A[w] += s.breast * _ellipsoid(X[w], Y[w], cx, cy, 0.34, 0.24) * np.clip(
+            A[w] += s.breast * _ellipsoid(X[w], Y[w], cx, cy, 0.34, 0.24) * _clip(
                 0.5 + (Y[w] - cy) * (1 / 0.24), 0.0, 1.0)
         if s.scapula > 0:  # a plate over the lateral upper lung
             cx, cy = side * (W + 0.02), s.clav_y + 0.30
@@ -716,11 +754,11 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
 
     # Bones.
     w = _window(s, R, (-0.12, 0.12), (-1.5, 1.5))
-    A[w] += _spine(s, X[w], Y[w])
+    A[w] += _spine(s, *_crop(w, X, Y))
     w = _window(s, R, (-W - 0.06, W + 0.06), (s.apex_y - 0.1, s.dome_l + 0.5))
-    A[w] += _ribs(s, Y[w], ax[w])
+    A[w] += _ribs(s, *_crop(w, Y, ax))
     w = _window(s, R, (-1.5, 1.5), (s.clav_y - s.clav_rise - 0.2, s.clav_y + 0.16))
-    A[w] += _girdle(s, Y[w], ax[w])
+    A[w] += _girdle(s, *_crop(w, Y, ax))
 
     # Vessels and the pacemaker lead: points splatted, then blurred into lines.
     dens = _splat(s, s.vessels[:, :2], s.vessels[:, 2], R)
@@ -730,7 +768,7 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
         w = _window(s, R, (cx - 0.08, cx + 0.08), (cy - 0.06, cy + 0.06))
         gx, gy = (X[w] - cx) * (1 / 0.075), (Y[w] - cy) * 20.0
         gx, gy = gx * gx, gy * gy
-        A[w] += 2.0 * np.clip((1.0 - gx * gx - gy * gy) * 8.0, 0.0, 1.0)
+        A[w] += 2.0 * _clip((1.0 - gx * gx - gy * gy) * 8.0, 0.0, 1.0)
     A += 0.03 * _blur(dens, 0.014 / px)
 
     # Film: beam quality, PSF, Poisson-like quantum noise (Gaussian with variance ~ T, from
@@ -739,16 +777,22 @@ def render(subject: Subject, heart_scale: float | None = None, resolution: int =
     if noise:
         z = np.random.default_rng([s.seed, _NOISE]).standard_normal((R, R), np.float32)
         T += np.sqrt(np.maximum(T, 1e-4) * (1.0 / s.photons * (R / 128) ** 2)) * z
-    img = np.exp(np.log(np.clip(1.0 - T, 1e-6, 1.0)) * s.gamma) * (s.hi - s.lo) + s.lo
+    img = np.exp(np.log(_clip(1.0 - T, 1e-6, 1.0)) * s.gamma) * (s.hi - s.lo) + s.lo
     cl, cr, ct, cb = (int(round(c * R)) for c in s.collimation)
     for sl in (np.s_[:, :cl], np.s_[:, R - cr:], np.s_[:ct, :], np.s_[R - cb:, :]):
         img[sl] = s.coll_value  # (a zero width gives an empty slice)
-    img = np.clip(img, 0.0, 1.0)
+    img = _clip(img, 0.0, 1.0)
 
     lungs, left = d > 0, X > 0
     masks = np.stack([heart, lungs & ~left & ~heart, lungs & left & ~heart])
     mid = (_midline(s) + 1) * R / 2
     return PhantomImage(img, masks, mid, h, subject_ctr(s, h), s)
+
+
+def _crop(w: tuple[slice, slice], *maps: np.ndarray) -> list[np.ndarray]:
+    """Contiguous copies of a window of full maps, for windows used by many operations:
+    numpy ufuncs run ~2x slower on the strided views that plain slicing gives."""
+    return [np.ascontiguousarray(m[w]) for m in maps]
 
 
 def _heart_box(s: Subject, R: int, h: float) -> tuple[slice, slice]:
