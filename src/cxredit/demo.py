@@ -64,6 +64,10 @@ def run_demo(out: str | Path = "runs/demo", n_healthy: int = 100, n_cardio: int 
     resume = (gan_dir / "config.json").exists()
     rec = train_gan(train_dir, gan_dir, None if resume else cfg, resume=resume, device=device,
                     progress=progress, kimg=gan_kimg if resume else None)
+    if not rec:  # the run had already finished: report its last logged record
+        from cxredit.runs import Run
+
+        rec = next(r for r in reversed(Run(gan_dir, resume=True).read_stats()) if "loss/G" in r)
     gen = generate(gan_dir, list(range(16)), out / "samples", device=device)
     summary["gan"] = {"kimg": rec.get("kimg"), "loss_G": rec.get("loss/G"),
                       "loss_D": rec.get("loss/D"), "samples": str(gen["grid"])}
