@@ -17,7 +17,7 @@ from cxredit import __version__
 
 log = logging.getLogger("cxredit")
 
-# (name, one-line help, add_arguments, run) — filled by the register_* functions below.
+# (name, one-line help, add_arguments, run) — filled by the @command registrations below.
 _COMMANDS: list[tuple[str, str, Callable, Callable]] = []
 
 
@@ -567,6 +567,12 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------- parser
+# `cxredit --help` lists the commands in the order of the pipeline (DESIGN.md).
+PIPELINE_ORDER = ("prepare", "phantoms", "info", "train-gan", "generate", "train-encoder",
+                  "invert", "project", "separability", "enlarge-heart", "direction", "edit",
+                  "demo")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (one subparser per registered command)."""
     parser = argparse.ArgumentParser(
@@ -577,7 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cxredit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
-    for name, help_, add, run in _COMMANDS:
+    order = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+    for name, help_, add, run in sorted(_COMMANDS, key=lambda c: order.get(c[0], len(order))):
         p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add(p)
