@@ -8,7 +8,8 @@ import pytest
 from cxredit.cli import _COMMANDS, build_parser, main
 
 EXPECTED = {"prepare", "phantoms", "info", "train-gan", "generate", "train-encoder", "invert",
-            "project", "separability", "direction", "enlarge-heart", "edit", "demo"}
+            "project", "separability", "direction", "enlarge-heart", "edit", "train-segmenter",
+            "ctr", "fid", "demo"}
 
 
 def test_help_lists_every_subcommand_with_one_line(capsys):

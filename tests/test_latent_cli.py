@@ -124,3 +124,27 @@ def test_directions_and_edits_cli(pipeline, capsys):
     assert len(list(out.glob("*.dcm"))) == 8 and (out / "sweep.png").exists()
     assert main(["edit", "--gan", str(pipeline / "gan"), "--latents", str(pipeline / "lat.npz"),
                  "--direction", str(lda), "--alphas", "x", "--out", str(out)]) == 2
+
+
+def test_segmenter_ctr_and_fid_cli(pipeline, capsys):
+    import pandas as pd
+
+    seg = pipeline / "seg"
+    assert main(["train-segmenter", "--data", str(pipeline / "store"), "--out", str(seg),
+                 "--kimg", "0.032", "--batch", "8", "--no-progress"]) == 0
+    csv = pipeline / "ctr.csv"
+    assert main(["ctr", "--store", str(pipeline / "store"), "--segmenter", str(seg), "--out",
+                 str(csv), "--overlay-dir", str(pipeline / "ov")]) == 0
+    df = pd.read_csv(csv)
+    assert len(df) == 64 and set(df.columns) >= {"id", "ctr", "mrd", "mld", "id_width"}
+    assert len(list((pipeline / "ov").glob("*_ctr.png"))) == 64
+    out = pipeline / "fid.json"
+    assert main(["fid", "--real", str(pipeline / "store"), "--gan", str(pipeline / "gan"),
+                 "--n", "32", "--extractor", "random", "--kid-subset-size", "16", "--out",
+                 str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["extractor"] == "random" and doc["fid"] > 0 and doc["n_b"] == 32
+    capsys.readouterr()
+    assert main(["fid", "--real", str(pipeline / "store"), "--store-b", str(pipeline / "store"),
+                 "--extractor", "inception"]) == 2
+    assert "--inception-weights" in capsys.readouterr().err

@@ -540,6 +540,114 @@ def run_direction_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- evaluation
+def _add_train_segmenter(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="store with masks.npy (e.g. from phantoms)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--kimg", type=float, help="training length in thousands of images")
+    p.add_argument("--batch", type=int, help="images per step")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--seed", type=int, help="seed of every RNG of the run")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+@command("train-segmenter", "train the heart + lung segmenter used to measure the CTR")(
+    _add_train_segmenter)
+def run_train_segmenter(args: argparse.Namespace) -> int:
+    from cxredit.train.segmenter import SegmenterTrainConfig, train_segmenter
+
+    cfg = None
+    if not args.resume:
+        changes = {k: getattr(args, k) for k in ("batch", "lr", "seed")
+                   if getattr(args, k) is not None}
+        cfg = SegmenterTrainConfig().replace(**changes)
+    rec = train_segmenter(args.data, args.out, cfg, resume=args.resume, device=args.device,
+                          progress=not args.no_progress, kimg=args.kimg)
+    if rec:
+        print(f"{args.out}: {rec['kimg']} kimg, loss {rec.get('loss/seg', float('nan')):.4f}")
+    return 0
+
+
+def _add_ctr(p: argparse.ArgumentParser) -> None:
+    _add_image_source(p)
+    p.add_argument("--segmenter", required=True, help="segmenter run folder or checkpoint")
+    p.add_argument("--out", default=None, help="CSV with id, ctr, mrd, mld, id_width")
+    p.add_argument("--overlay-dir", default=None, help="write images with the masks drawn")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+@command("ctr", "measure the cardiothoracic ratio of X-rays with the segmenter")(_add_ctr)
+def run_ctr_cmd(args: argparse.Namespace) -> int:
+    from cxredit.metrics.ctr import measure_ctr
+
+    rows = measure_ctr(args.segmenter, images=args.images, store=args.store, split=args.split,
+                       query=args.query, out=args.out, overlay_dir=args.overlay_dir,
+                       device=args.device)
+    for r in rows[:20]:
+        print(f"{r['id']}\tCTR {r['ctr']:.3f}")
+    if len(rows) > 20:
+        print(f"... {len(rows)} images" + (f", all in {args.out}" if args.out else ""))
+    return 0
+
+
+def _add_fid(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--real", required=True, help="store of real images")
+    p.add_argument("--split", choices=["train", "val", "test"], help="split of --real")
+    p.add_argument("--limit", type=int, default=None, help="at most N real images")
+    fake = p.add_mutually_exclusive_group(required=True)
+    fake.add_argument("--gan", help="generator run/checkpoint to sample from")
+    fake.add_argument("--folder", help="folder of PNG/JPEG images")
+    fake.add_argument("--store-b", help="a second store")
+    p.add_argument("--n", type=int, default=5000, help="samples drawn from --gan")
+    p.add_argument("--psi", type=float, default=1.0, help="truncation of the --gan samples")
+    p.add_argument("--extractor", default="inception",
+                   choices=["inception", "encoder", "random", "classifier"],
+                   help="feature extractor; numbers are only comparable within one extractor")
+    p.add_argument("--inception-weights", help="local torchvision Inception-v3 weights file")
+    p.add_argument("--encoder", help="encoder run (extractor 'encoder')")
+    p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size")
+    p.add_argument("--out", default=None, help="write the numbers as JSON")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+
+
+@command("fid", "FID and KID between real images and a generator, folder or store")(_add_fid)
+def run_fid_cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    from cxredit.data.store import ImageStore
+    from cxredit.metrics.features import get_extractor
+    from cxredit.metrics.fid import compare_sets, folder_batches, generator_batches, store_batches
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = {"device": dev}
+    if args.extractor == "inception":
+        kw["weights"] = args.inception_weights
+    elif args.extractor == "encoder":
+        kw["encoder"] = args.encoder
+    elif args.extractor == "random":
+        kw = {}
+    ext = get_extractor(args.extractor, **kw)
+    real = ImageStore(args.real)
+    a = store_batches(real, split=args.split, limit=args.limit)
+    if args.gan:
+        b = generator_batches(args.gan, args.n, psi=args.psi, device=dev)
+    elif args.folder:
+        b = folder_batches(args.folder, real.resolution)
+    else:
+        b = store_batches(args.store_b, limit=args.limit)
+    res = compare_sets(a, b, ext, kid_subset_size=args.kid_subset_size)
+    print(f"FID {res['fid']:.3f}, KID {res['kid_mean']:.5f} +- {res['kid_std']:.5f} "
+          f"({res['extractor']} features, {res['n_a']} vs {res['n_b']} images)")
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps({**res, "real": args.real, "gan": args.gan,
+                                              "folder": args.folder}, indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
@@ -570,7 +678,7 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 # `cxredit --help` lists the commands in the order of the pipeline (DESIGN.md).
 PIPELINE_ORDER = ("prepare", "phantoms", "info", "train-gan", "generate", "train-encoder",
                   "invert", "project", "separability", "enlarge-heart", "direction", "edit",
-                  "demo")
+                  "train-segmenter", "ctr", "fid", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
