@@ -237,13 +237,7 @@ def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
         trainer = EncoderTrainer(cfg, G, store, run, info.device, encoder_overrides,
                                  gan_source, progress=progress)
         if resume:
-            ck = Run(out, resume=True).latest_checkpoint()
-            if ck is None:
-                raise ValueError(f"{out}: no checkpoint to resume from")
-            trainer.load_state_dict(load_checkpoint(ck, kind=CKPT_KIND,
-                                                    map_location=info.device))
-            if run is not None:
-                run.truncate_stats(trainer.step)
+            trainer.resume_latest(out)
         return trainer.fit(desc="train-encoder")
     finally:
         dist.cleanup()

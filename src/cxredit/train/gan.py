@@ -323,15 +323,7 @@ def train_gan(data: str | Path, out: str | Path, cfg: GanConfig | None = None,
             dist.barrier()
         trainer = GanTrainer(cfg, store, run, info.device, compile=compile, progress=progress)
         if resume:
-            ck = Run(out, resume=True).latest_checkpoint()
-            if ck is None:
-                raise ValueError(f"{out}: no checkpoint to resume from")
-            trainer.load_state_dict(load_checkpoint(ck, kind=CKPT_KIND,
-                                                    map_location=info.device))
-            if run is not None:
-                run.truncate_stats(trainer.step)
-            log.info("resumed %s at step %d (%.1f kimg)", out, trainer.step,
-                     trainer.nimg / 1000)
+            trainer.resume_latest(out)
         return trainer.fit(desc="train-gan")
     finally:
         dist.cleanup()

@@ -12,6 +12,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -20,10 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cxredit.checkpoint import save_checkpoint
+from cxredit.checkpoint import load_checkpoint, save_checkpoint
 from cxredit.data.store import ImageStore
 from cxredit.runs import Run
 from cxredit.train import distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -156,6 +159,18 @@ class Trainer:
             raise NonFiniteLossError(
                 f"a loss became NaN/Inf before step {self.step}; training stopped. The last good "
                 f"checkpoint is kept: {self.nan_hint}, then --resume")
+
+    def resume_latest(self, out: str | Path) -> None:
+        """Continue exactly from the newest checkpoint of run folder `out`; stats lines logged
+        after it are dropped (the resumed run logs them again, identically)."""
+        run = Run(out, resume=True)
+        ck = run.latest_checkpoint()
+        if ck is None:
+            raise ValueError(f"{out}: no checkpoint to resume from")
+        self.load_state_dict(load_checkpoint(ck, kind=self.kind, map_location=self.device))
+        if self.rank == 0:
+            run.truncate_stats(self.step)
+        log.info("resumed %s at step %d (%.3f kimg)", out, self.step, self.nimg / 1000)
 
     # ------------------------------------------------------------------ loop
     def fit(self, desc: str = "train") -> dict:

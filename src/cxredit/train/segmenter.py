@@ -243,13 +243,7 @@ def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig
             dist.barrier()
         trainer = SegmenterTrainer(cfg, store, run, info.device, progress=progress)
         if resume:
-            ck = Run(out, resume=True).latest_checkpoint()
-            if ck is None:
-                raise ValueError(f"{out}: no checkpoint to resume from")
-            trainer.load_state_dict(load_checkpoint(ck, kind=CKPT_KIND,
-                                                    map_location=info.device))
-            if run is not None:
-                run.truncate_stats(trainer.step)
+            trainer.resume_latest(out)
         return trainer.fit(desc="train-segmenter")
     finally:
         dist.cleanup()
