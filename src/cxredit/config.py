@@ -12,8 +12,33 @@ import math
 from dataclasses import dataclass, fields
 
 
+class DictConfig:
+    """JSON round trip for config dataclasses: `to_dict`, `from_dict` (unknown keys are an
+    error, which catches typos in hand-edited configs), `replace` (validated by __post_init__).
+    Tuples are stored as JSON lists and restored from the field type."""
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Inverse of `to_dict`."""
+        known = {f.name: f for f in fields(cls)}
+        unknown = set(d) - set(known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: tuple(v) if isinstance(v, list) and str(known[k].type).startswith(
+            "tuple") else v for k, v in d.items()})
+
+    def replace(self, **changes):
+        """Copy with fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass
-class GanConfig:
+class GanConfig(DictConfig):
     """Everything that defines a StyleGAN2 training run (NVlabs 'auto'-style hyper-parameters)."""
 
     # --- networks
@@ -74,28 +99,6 @@ class GanConfig:
     def num_ws(self) -> int:
         """Number of w vectors fed to the synthesis network: 2*log2(R) - 2."""
         return 2 * int(math.log2(self.resolution)) - 2
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GanConfig:
-        """Inverse of `to_dict`; unknown keys are an error (catches typos in configs)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown GanConfig field(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-    def replace(self, **changes) -> GanConfig:
-        """Copy with fields changed (validated)."""
-        return dataclasses.replace(self, **changes)
 
 
 def _auto(resolution: int, batch: int, **kw) -> GanConfig:
@@ -166,7 +169,7 @@ def parse_overrides(pairs: list[str], cfg_cls=GanConfig) -> dict:
 
 
 @dataclass
-class EncoderTrainConfig:
+class EncoderTrainConfig(DictConfig):
     """Cyclic Reverse Generator (CRG) training of the encoder E against a frozen G.
 
     Every loss term has a weight; the defaults (all 1) are the paper's plain sum.
@@ -199,24 +202,6 @@ class EncoderTrainConfig:
             raise ValueError(f"space must be w or w+, got {self.space!r}")
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch, kimg, snap_kimg and lr must be positive")
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderTrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EncoderTrainConfig field(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
-
-    def replace(self, **changes) -> EncoderTrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 ENCODER_TRAIN_PRESETS: dict[str, EncoderTrainConfig] = {

@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+from cxredit.config import DictConfig
 from cxredit.models.ops import assert_shape
 
 __all__ = ["ENCODER_PRESETS", "DetailBranch", "Encoder", "EncoderConfig", "SpadeMerge",
@@ -67,7 +68,7 @@ _GRAY_MEAN, _GRAY_STD = 0.449, 0.226
 
 
 @dataclass
-class EncoderConfig:
+class EncoderConfig(DictConfig):
     """Everything that defines an `Encoder`; `None`/"auto" fields are resolved by `resolved()`."""
 
     resolution: int = 128  # input side R (power of two >= 16); must equal the generator's
@@ -126,18 +127,6 @@ class EncoderConfig:
         num_ws = self.num_ws or 2 * int(math.log2(self.resolution)) - 2
         return dataclasses.replace(self, num_ws=num_ws, stem=self.resolved_stem,
                                    detail_stages=stages)
-
-    def to_dict(self) -> dict:
-        """Plain JSON-able dict."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EncoderConfig:
-        """Inverse of `to_dict`; unknown keys are an error (catches typos in configs)."""
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown EncoderConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 ENCODER_PRESETS: dict[str, EncoderConfig] = {

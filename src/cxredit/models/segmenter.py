@@ -10,18 +10,19 @@ so training/eval modes behave the same and batched inference equals one-by-one i
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from cxredit.config import DictConfig
 
 NUM_MASKS = 3  # heart, right lung, left lung
 
 
 @dataclass
-class SegmenterConfig:
+class SegmenterConfig(DictConfig):
     """Everything that defines a `Segmenter`."""
 
     resolution: int = 128  # input side R; must be divisible by 2**depth
@@ -37,16 +38,6 @@ class SegmenterConfig:
                              f"got {r}")
         if c < 2:
             raise ValueError(f"base_channels must be >= 2, got {c}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SegmenterConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SegmenterConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 def _norm(c: int) -> nn.GroupNorm:

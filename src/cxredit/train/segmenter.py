@@ -8,9 +8,8 @@ and exact resume come from `Trainer`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from cxredit.checkpoint import load_checkpoint
+from cxredit.config import DictConfig
 from cxredit.data.phantom import MASK_NAMES
 from cxredit.data.store import ImageStore
 from cxredit.metrics.ctr import dice
@@ -34,7 +34,7 @@ EVAL_MAX = 256  # validation images scored at each snapshot
 
 
 @dataclass
-class SegmenterTrainConfig:
+class SegmenterTrainConfig(DictConfig):
     """Training of the heart/lung segmenter."""
 
     batch: int = 32  # images per step (global, split over ranks)
@@ -50,20 +50,6 @@ class SegmenterTrainConfig:
     def __post_init__(self) -> None:
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch, kimg, snap_kimg and lr must be positive")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SegmenterTrainConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown SegmenterTrainConfig field(s): "
-                             f"{', '.join(sorted(unknown))}")
-        return cls(**d)
-
-    def replace(self, **changes) -> SegmenterTrainConfig:
-        return dataclasses.replace(self, **changes)
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
