@@ -84,3 +84,16 @@ def test_checkpoint_rejects_wrong_kind_corruption_and_version(tmp_path):
 def test_pack_refuses_code_objects():
     with pytest.raises(TypeError, match="cannot store"):
         pack({"f": lambda x: x}, {}, "s")
+
+
+def test_partial_load_reads_only_the_asked_entries(tmp_path):
+    model, opt = _optimizer_state()
+    js = save_checkpoint(tmp_path / "c", {"G": model.state_dict(), "opt": opt.state_dict(),
+                                          "G_config": {"w": 3}, "x": torch.ones(2)}, kind="gan")
+    part = load_checkpoint(js, keys=["G_config", "G", "x"])
+    assert set(part) == {"G_config", "G", "x"} and part["G_config"] == {"w": 3}
+    for k, v in model.state_dict().items():
+        assert torch.equal(part["G"][k], v)
+    assert torch.equal(part["x"], torch.ones(2))
+    with pytest.raises(CheckpointError, match="no entry 'D'"):
+        load_checkpoint(js, keys=["D"])

@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -136,7 +138,8 @@ def read_checkpoint_json(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
-                    map_location: str | torch.device = "cpu", verify: bool = True) -> dict:
+                    map_location: str | torch.device = "cpu", verify: bool = True,
+                    keys: Sequence[str] | None = None) -> dict:
     """Read a checkpoint written by `save_checkpoint`.
 
     Args:
@@ -144,9 +147,11 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
         kind: expected kind; a mismatch raises CheckpointError.
         map_location: device for the tensors.
         verify: check the sha256 of the tensor file against the JSON.
+        keys: read only these top-level entries (e.g. the G_ema weights of a training
+            checkpoint, without D and the optimizer states); None = everything.
 
     Returns:
-        The `state` dict as saved (tensors on `map_location`).
+        The `state` dict as saved (tensors on `map_location`), or its `keys` entries.
     """
     st_path, js_path = _paths(path)
     doc = read_checkpoint_json(js_path)
@@ -158,11 +163,23 @@ def load_checkpoint(path: str | os.PathLike, kind: str | None = None,
     if verify and sha256_file(st_path) != doc["sha256"]:
         raise CheckpointError(f"{st_path}: sha256 does not match {js_path.name} "
                               "(file corrupt or replaced)")
+    skeleton = doc["state"]
+    if keys is not None:
+        missing = [k for k in keys if k not in skeleton]
+        if missing:
+            raise CheckpointError(f"{js_path}: no entry {missing[0]!r} in this checkpoint")
+        skeleton = {k: skeleton[k] for k in keys}
     try:
-        tensors = load_file(str(st_path), device=str(map_location))
+        if keys is None:
+            tensors = load_file(str(st_path), device=str(map_location))
+        else:  # read only the wanted tensors (safetensors reads lazily, by name)
+            prefixes = tuple(f"s.{k}." for k in keys)
+            with safe_open(str(st_path), framework="pt", device=str(map_location)) as f:
+                tensors = {n: f.get_tensor(n) for n in f.keys()
+                           if n.startswith(prefixes) or n[2:] in keys}
     except Exception as e:  # noqa: BLE001 - safetensors raises several types
         raise CheckpointError(f"{st_path}: cannot read tensors ({e})") from None
-    return unpack(doc["state"], tensors)
+    return unpack(skeleton, tensors)
 
 
 def checkpoint_sha256(path: str | os.PathLike) -> str:

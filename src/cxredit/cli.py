@@ -34,6 +34,15 @@ def command(name: str, help: str):
     return deco
 
 
+def _add_runtime(p: argparse.ArgumentParser, device: bool = True, progress: bool = True) -> None:
+    """Options every long-running command shares: --device and --no-progress."""
+    if device:
+        p.add_argument("--device", default=None,
+                       help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 # --------------------------------------------------------------------------------------- data
 def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", choices=["chexpert", "mimic", "nih", "folder"],
@@ -53,7 +62,7 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
                    help="keep only rows matching a label query, e.g. \"Cardiomegaly==1\"")
     p.add_argument("--labels-csv", default=None,
                    help="folder source: CSV with labels joined on file name")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p, device=False)
 
 
 @command("prepare", "index a dataset (CheXpert, MIMIC-CXR-JPG, NIH, folder) and write a store")(
@@ -95,7 +104,7 @@ def _add_phantoms(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-prob-cardio", type=float, default=0.3,
                    help="pacemaker probability in cardiomegaly cases (confounder)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p, device=False)
 
 
 @command("phantoms", "render built-in phantom chest X-rays (with masks and CTR) into a store")(
@@ -167,8 +176,7 @@ def _add_train_gan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly from its newest checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p)
 
 
 def gan_config_from_args(args: argparse.Namespace):
@@ -228,7 +236,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpolate", type=int, default=0, metavar="STEPS",
                    help="also write a latent walk strip through the seeds with STEPS frames "
                         "between consecutive seeds")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_runtime(p, progress=False)
 
 
 @command("generate", "sample images from a trained generator (grid, singles, latent walks)")(
@@ -265,8 +273,7 @@ def _add_train_encoder(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any training field, e.g. --set e_content=0.5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p)
 
 
 @command("train-encoder", "train the CRG encoder E that inverts a frozen generator")(
@@ -313,8 +320,7 @@ def _add_invert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recon-dir", help="also write reconstructions (PNG, marked synthetic)")
     p.add_argument("--no-metrics", action="store_true",
                    help="skip per-image SSIM/PSNR (then no generator is needed)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p)
 
 
 @command("invert", "encode images into latents with a trained encoder (fast inversion)")(
@@ -379,7 +385,7 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="edit only the first N latents")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--dicom", action="store_true", help="also write DICOM (marked DERIVED)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_runtime(p, progress=False)
 
 
 @command("edit", "edit latents along a direction (w + alpha*v) and write images + sweep grid")(
@@ -415,8 +421,7 @@ def _add_project(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lpips-weights", metavar="LIN,VGG16",
                    help="add LPIPS to the loss, from local files: the lpips package's vgg.pth "
                         "and torchvision's VGG-16 ImageNet weights, comma-separated")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p)
 
 
 @command("project", "invert images by optimising w so that G(w) matches them (resumable)")(
@@ -497,7 +502,7 @@ def _add_direction(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", help="encoder run (--latents-from encoder, or projection init)")
     p.add_argument("--gan", help="GAN run (--latents-from project)")
     p.add_argument("--steps", type=int, default=500, help="projection steps per image")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_runtime(p, progress=False)
     p.add_argument("--column", default="Cardiomegaly", help="label column of the positives")
     p.add_argument("--positive", default="1", help="value of --column for the positives")
     p.add_argument("--negative-query", default=None, help="query for the negatives")
@@ -549,8 +554,7 @@ def _add_train_segmenter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate")
     p.add_argument("--seed", type=int, help="seed of every RNG of the run")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_runtime(p)
 
 
 @command("train-segmenter", "train the heart + lung segmenter used to measure the CTR")(
@@ -575,7 +579,7 @@ def _add_ctr(p: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter", required=True, help="segmenter run folder or checkpoint")
     p.add_argument("--out", default=None, help="CSV with id, ctr, mrd, mld, id_width")
     p.add_argument("--overlay-dir", default=None, help="write images with the masks drawn")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_runtime(p, progress=False)
 
 
 @command("ctr", "measure the cardiothoracic ratio of X-rays with the segmenter")(_add_ctr)
@@ -609,7 +613,7 @@ def _add_fid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder", help="encoder run (extractor 'encoder')")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size")
     p.add_argument("--out", default=None, help="write the numbers as JSON")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
+    _add_runtime(p, progress=False)
 
 
 @command("fid", "FID and KID between real images and a generator, folder or store")(_add_fid)
@@ -658,8 +662,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gan-kimg", type=float, default=0.5,
                    help="length of the short GAN training run (kimg)")
     p.add_argument("--n-train", type=int, default=2000, help="phantoms in the training store")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if present)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    _add_runtime(p)
 
 
 @command("demo", "run the pipeline on built-in phantom chest X-rays and summarise it")(_add_demo)

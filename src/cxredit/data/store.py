@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,3 +441,61 @@ class StoreDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         images = self.store.tensor(self.rows[indices])
         return [self._item(i, images[k]) for k, i in enumerate(indices)]
+
+
+def load_image_files(paths: Sequence[str], resolution: int) -> torch.Tensor:
+    """Read X-ray files (any format of `cxredit.data.io`) as [N,1,R,R] float32 in [-1,1]."""
+    from cxredit.data.io import read_xray_resized
+
+    arr = np.stack([read_xray_resized(p, resolution) for p in paths])
+    return torch.from_numpy(arr).float().div_(127.5).sub_(1).unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class ImageSelection:
+    """Images chosen by `--images FILES...` or `--store STORE [--split] [--query]`.
+
+    `ids` are file paths or store rows (as strings, the latents' ids); `fetch(positions)`
+    returns those images as [K,1,R,R] in [-1,1].
+    """
+
+    ids: list[str]
+    fetch: Callable[[Sequence[int]], torch.Tensor]
+    store: ImageStore | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def select_images(resolution: int, images: Sequence[str] | None = None,
+                  store: str | os.PathLike | None = None, split: str | None = None,
+                  query: str | None = None, limit: int | None = None,
+                  model: str = "the model expects", purpose: str = "to process") -> ImageSelection:
+    """The image input shared by invert, project and ctr (one place for its rules and errors).
+
+    Args:
+        resolution: side R the model works at (files are resized to it; a store must match).
+        images: image files, or
+        store: a store folder, rows selected by `split` and `query`.
+        limit: keep the first `limit` images.
+        model, purpose: words for the error messages ("the generator makes", "to project").
+    """
+    if (images is None) == (store is None):
+        raise ValueError("give either --images or --store")
+    if limit is not None and limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {limit}")
+    if store is not None:
+        st = ImageStore(store)
+        if st.resolution != resolution:
+            raise ValueError(f"{store}: store is {st.resolution} px, {model} {resolution} px")
+        rows = st.select(split, query)[:limit]
+        sel = ImageSelection([str(r) for r in rows],
+                             lambda pos: st.tensor(rows[np.asarray(pos, np.int64)]), st)
+    else:
+        ids = [str(p) for p in images][:limit]
+        sel = ImageSelection(ids, lambda pos: load_image_files([ids[i] for i in pos],
+                                                               resolution))
+    if not sel.ids:
+        where = f": none in {store} match split={split!r} query={query!r}" if store else ""
+        raise ValueError(f"no images {purpose}{where}")
+    return sel

@@ -10,25 +10,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cxredit.data.store import select_images
 from cxredit.generate import provenance
 from cxredit.latent.io import save_latents
+from cxredit.metrics.recon import psnr
 from cxredit.train.losses import ssim
 
 log = logging.getLogger(__name__)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1,1] (peak-to-peak 2), [N]."""
-    mse = (x.float() - y.float()).square().mean(dim=(1, 2, 3)).clamp_min(1e-12)
-    return 10 * torch.log10(4.0 / mse)
-
-
-def load_images(paths: list[str], resolution: int) -> torch.Tensor:
-    """Read X-ray files (any format of `cxredit.data.io`) as [N,1,R,R] in [-1,1]."""
-    from cxredit.data.io import read_xray_resized
-
-    arr = np.stack([read_xray_resized(p, resolution) for p in paths])
-    return torch.from_numpy(arr).float().div_(127.5).sub_(1).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -63,21 +51,9 @@ def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None
         raise ValueError("give either --images or --store")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     E, info = load_encoder(encoder, dev)
-    R = E.resolution
-    if store is not None:
-        from cxredit.data.store import ImageStore
-
-        st = ImageStore(store)
-        if st.resolution != R:
-            raise ValueError(f"{store}: store is {st.resolution} px, the encoder expects {R} px")
-        rows = st.select(split, query)
-        if len(rows) == 0:
-            raise ValueError(f"{store}: no images match split={split!r} query={query!r}")
-        ids = [str(r) for r in rows]
-        fetch = lambda s: st.tensor(rows[s])  # noqa: E731
-    else:
-        ids = [str(p) for p in images]
-        fetch = lambda s: load_images(ids[s], R)  # noqa: E731
+    sel = select_images(E.resolution, images, store, split, query,
+                        model="the encoder expects", purpose="to invert")
+    ids = sel.ids
     G = None
     gan_path = gan or info["gan"].get("path")
     if metrics or recon_dir:
@@ -90,7 +66,7 @@ def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None
     n_batches = math.ceil(len(ids) / batch)
     for b in tqdm(range(n_batches), disable=not progress, desc="invert", unit="batch"):
         sl = slice(b * batch, (b + 1) * batch)
-        x = fetch(sl).to(dev)
+        x = sel.fetch(range(len(ids))[sl]).to(dev)
         w = E(x)
         ws.append(w.cpu())
         if G is not None:

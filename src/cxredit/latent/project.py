@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cxredit.latent.invert import load_images, psnr
+from cxredit.metrics.recon import psnr
 from cxredit.models.stylegan2 import Generator, SynthesisLayer
 from cxredit.train.encoder import mean_w
 from cxredit.train.losses import ssim
@@ -301,6 +301,7 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
 
     from cxredit.checkpoint import checkpoint_sha256
     from cxredit.data.io import write_png
+    from cxredit.data.store import select_images
     from cxredit.generate import provenance
     from cxredit.latent.io import save_latents
     from cxredit.runs import find_checkpoint
@@ -325,21 +326,9 @@ def project(gan: str | Path, out: str | Path, images: list[str] | None = None,
     gan_sha = checkpoint_sha256(gan_ck)
     G = load_generator(gan_ck, dev)
     R = G.img_resolution
-    if store is not None:
-        from cxredit.data.store import ImageStore
-
-        st = ImageStore(store)
-        if st.resolution != R:
-            raise ValueError(f"{store}: store is {st.resolution} px, the generator makes {R} px")
-        rows = st.select(split, query)[:limit]
-        ids = [str(r) for r in rows]
-        fetch = lambda idx: st.tensor(rows[idx])  # noqa: E731
-    else:
-        ids = [str(p) for p in images][:limit]
-        fetch = lambda idx: load_images([ids[i] for i in idx], R)  # noqa: E731
-    if not ids:
-        raise ValueError("no images to project" + (f": none in {store} match split={split!r} "
-                                                   f"query={query!r}" if store else ""))
+    sel = select_images(R, images, store, split, query, limit,
+                        model="the generator makes", purpose="to project")
+    ids, fetch = sel.ids, sel.fetch
     E, enc = None, None
     if init == "encoder":
         E, info = load_encoder(encoder, dev)

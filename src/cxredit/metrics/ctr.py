@@ -139,27 +139,17 @@ def measure_ctr(segmenter, images: list[str] | None = None, store=None, split: s
     import pandas as pd
     import torch
 
+    from cxredit.data.store import select_images
     from cxredit.train.segmenter import load_segmenter, predict_masks
 
     if (images is None) == (store is None):
         raise ValueError("give either --images or --store")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seg = load_segmenter(segmenter, dev)
-    R = seg.config["resolution"]
-    if store is not None:
-        from cxredit.data.store import ImageStore
-
-        st = ImageStore(store)
-        if st.resolution != R:
-            raise ValueError(f"{store}: store is {st.resolution} px, the segmenter expects {R}")
-        rows = st.select(split, query)
-        ids = [str(r) for r in rows]
-        x = st.tensor(rows)
-    else:
-        from cxredit.latent.invert import load_images
-
-        ids = [str(p) for p in images]
-        x = load_images(ids, R)
+    sel = select_images(seg.config["resolution"], images, store, split, query,
+                        model="the segmenter expects", purpose="to measure")
+    ids = sel.ids
+    x = sel.fetch(range(len(ids)))
     masks = predict_masks(seg, x.to(dev), batch=batch).cpu().numpy()
     m = ctr(masks)
     res = [{"id": i, "ctr": float(m["ctr"][k]), "mrd": float(m["mrd"][k]),

@@ -181,7 +181,7 @@ def load_encoder(path, device: torch.device | str = "cpu") -> tuple[Encoder, dic
         (E, info) where info has the GAN source {"path", "sha256"} and the checkpoint path.
     """
     ck = find_checkpoint(path)
-    st = load_checkpoint(ck, kind=CKPT_KIND, map_location=device)
+    st = load_checkpoint(ck, kind=CKPT_KIND, map_location=device, keys=["E_config", "E", "gan"])
     E = Encoder.from_config(st["E_config"])
     E.load_state_dict(st["E"])
     return E.to(device).eval().requires_grad_(False), {"gan": st.get("gan", {}),

@@ -277,7 +277,8 @@ def load_generator(path, device: torch.device | str = "cpu", which: str = "G_ema
     """Rebuild G (default: G_ema) from a GAN checkpoint or run folder, in eval mode."""
     from cxredit.runs import find_checkpoint
 
-    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device)
+    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device,
+                         keys=["G_config", which])  # not D, not the optimizer states
     G = Generator(**st["G_config"])
     G.load_state_dict(st[which])
     return G.to(device).eval().requires_grad_(False)

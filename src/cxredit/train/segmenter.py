@@ -183,7 +183,8 @@ def predict_masks(segmenter: Segmenter, images, batch: int = 64,
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
     """Rebuild the segmenter (eval mode, no grad) from a checkpoint or run folder."""
-    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device)
+    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device,
+                         keys=["net_config", "net"])
     net = Segmenter.from_config(st["net_config"])
     net.load_state_dict(st["net"])
     return net.to(device).eval().requires_grad_(False)
