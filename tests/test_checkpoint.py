@@ -97,3 +97,13 @@ def test_partial_load_reads_only_the_asked_entries(tmp_path):
     assert torch.equal(part["x"], torch.ones(2))
     with pytest.raises(CheckpointError, match="no entry 'D'"):
         load_checkpoint(js, keys=["D"])
+
+
+def test_identical_state_gives_identical_files(tmp_path):
+    import torch
+
+    from cxredit.checkpoint import checkpoint_sha256, save_checkpoint
+
+    state = {"w": torch.arange(6.0).reshape(2, 3), "cfg": {"a": 1}}
+    shas = {checkpoint_sha256(save_checkpoint(tmp_path / f"c{i}", state, "x")) for i in range(8)}
+    assert len(shas) == 1  # content-addressed: the sha names the weights, not the save

@@ -9,7 +9,8 @@ from cxredit.cli import _COMMANDS, build_parser, main
 
 EXPECTED = {"prepare", "phantoms", "info", "train-gan", "generate", "train-encoder", "invert",
             "project", "separability", "direction", "enlarge-heart", "edit", "train-segmenter",
-            "ctr", "fid", "demo"}
+            "train-classifier", "ctr", "fid", "export-bundle", "make-weights", "evaluate",
+            "report", "serve", "demo"}
 
 
 def test_help_lists_every_subcommand_with_one_line(capsys):

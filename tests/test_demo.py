@@ -1,19 +1,45 @@
-"""`cxredit demo` end to end at toy size, run twice (the second run resumes finished stages)."""
+"""`cxredit demo` end to end with a tiny bundle, run twice (the second run reuses its work)."""
 
 import json
 
 from cxredit.cli import main
+from cxredit.data.io import read_png_text
+
+SECTIONS = ("summary", "samples", "reconstructions", "separability", "directions", "edits",
+            "ctr", "identity", "metrics", "provenance")
 
 
-def test_demo_runs_and_reruns(tmp_path, capsys):
-    args = ["demo", "--out", str(tmp_path / "demo"), "--n-healthy", "4", "--n-cardio", "6",
-            "--n-train", "32", "--gan-kimg", "0.032", "--resolution", "32", "--no-progress"]
+def test_demo_runs_reports_and_reruns(tiny_bundle, tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--weights", str(tiny_bundle), "--n-healthy", "6",
+            "--n-cardio", "6", "--n-project", "3", "--project-steps", "4", "--n-edit", "3",
+            "--no-progress"]
     assert main(args) == 0
-    first = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert first["test_set"]["healthy"] == 4 and first["test_set"]["cardiomegaly"] == 6
-    assert first["test_set"]["ctr_healthy"][1] < 0.5 < first["test_set"]["ctr_cardiomegaly"][0]
-    assert (tmp_path / "demo" / "samples" / "grid.png").exists()
-    assert main(args) == 0  # nothing left to do: must still summarise
-    second = json.loads((tmp_path / "demo" / "demo.json").read_text())
-    assert second["gan"]["kimg"] == first["gan"]["kimg"]
-    assert "cxredit demo ->" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "separability" in text and "report" in text and "cxredit demo ->" in text
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"]["n_healthy"] == 6 and m["data"]["n_cardiomegaly"] == 6 and m["data"]["phantom"]
+    for key in ("generation", "reconstruction", "separability", "directions", "edit", "targets"):
+        assert key in m, key
+    assert set(m["reconstruction"]) == {"encoder", "projection"}
+    assert m["reconstruction"]["projection"]["n"] == 6 and m["edit"]["n"] == 3
+    assert "pair_demo" in m["directions"]["names"] and "lda" in m["directions"]["names"]
+    assert m["edit"]["direction"] == "pair_demo" and len(m["edit"]["ctr_mean"]) == 7
+    assert len(m["edit"]["ssim_true_counterfactual"]) == 7  # phantoms: the truth is measured
+    assert len(m["targets"]) == 4
+    html = (out / "report.html").read_text()
+    for sec in SECTIONS:
+        assert f'id="{sec}"' in html, sec
+    assert "http://" not in html and "https://" not in html
+    assert read_png_text(out / "I_star.png")["cxredit:synthetic"] == "true"
+    assert read_png_text(out / "edit_sweep.png")["cxredit:synthetic"] == "true"
+    first = m["reconstruction"]["projection"]["ssim"]
+    assert main(args) == 0  # re-run: the test set and projections are reused, same numbers
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["reconstruction"]["projection"]["ssim"] == first
+
+
+def test_demo_without_weights_says_how_to_make_them(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--weights", str(tmp_path / "none"),
+                 "--no-progress"]) == 2
+    assert "make-weights" in capsys.readouterr().err

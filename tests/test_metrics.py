@@ -154,7 +154,7 @@ def test_extractor_registry_errors(tmp_path):
     assert {"inception", "encoder", "random", "classifier"} <= set(available_extractors())
     with pytest.raises(ValueError, match="unknown feature extractor"):
         get_extractor("vgg")
-    with pytest.raises(ValueError, match="not available yet"):
+    with pytest.raises(ValueError, match="classifier run or checkpoint"):
         get_extractor("classifier")
     with pytest.raises(ValueError, match="--encoder"):
         get_extractor("encoder")

@@ -109,7 +109,9 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -
     tensors: dict[str, torch.Tensor] = {}
     skeleton = pack(state, tensors, "s")
     tmp_st = st_path.with_name(st_path.name + ".tmp")
-    save_file(tensors, str(tmp_st), metadata={"format": "cxredit", "kind": kind})
+    # One metadata entry: safetensors keeps metadata in a hash map whose order varies between
+    # calls, and two entries would make identical weights hash differently.
+    save_file(tensors, str(tmp_st), metadata={"format": f"cxredit.{kind}"})
     digest = sha256_file(tmp_st)
     os.replace(tmp_st, st_path)
     doc = {"format": "cxredit.checkpoint", "format_version": FORMAT_VERSION, "kind": kind,

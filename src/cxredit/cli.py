@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cxredit import __version__
 
@@ -574,6 +575,44 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_classifier(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="store whose meta.csv has the --label column")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--label", default="Cardiomegaly",
+                   help="label column: 1 = positive, 0 = negative, other values are dropped")
+    p.add_argument("--negative-query", default=None,
+                   help="negatives = rows matching this query instead of label==0, e.g. "
+                        "\"`No Finding`==1\"")
+    p.add_argument("--arch", choices=["cnn", "resnet18"],
+                   help="network: small GroupNorm CNN (default) or ResNet-18 for real data")
+    p.add_argument("--kimg", type=float, help="training length in thousands of images")
+    p.add_argument("--batch", type=int, help="images per step")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--seed", type=int, help="seed of every RNG of the run")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    _add_runtime(p)
+
+
+@command("train-classifier", "train the cardiomegaly classifier (edit judge, feature extractor)")(
+    _add_train_classifier)
+def run_train_classifier(args: argparse.Namespace) -> int:
+    from cxredit.train.classifier import ClassifierTrainConfig, train_classifier
+
+    cfg = None
+    if not args.resume:
+        changes = {k: getattr(args, k) for k in ("batch", "lr", "seed", "arch")
+                   if getattr(args, k) is not None}
+        cfg = ClassifierTrainConfig(label=args.label, negative_query=args.negative_query,
+                                    **changes)
+    rec = train_classifier(args.data, args.out, cfg, resume=args.resume, device=args.device,
+                           progress=not args.no_progress, kimg=args.kimg)
+    if rec:
+        nan = float("nan")
+        print(f"{args.out}: {rec.get('kimg', 0)} kimg, loss {rec.get('loss/bce', nan):.4f}, "
+              f"val AUC {rec.get('eval/auc', nan):.3f}, accuracy {rec.get('eval/acc', nan):.3f}")
+    return 0
+
+
 def _add_ctr(p: argparse.ArgumentParser) -> None:
     _add_image_source(p)
     p.add_argument("--segmenter", required=True, help="segmenter run folder or checkpoint")
@@ -611,6 +650,7 @@ def _add_fid(p: argparse.ArgumentParser) -> None:
                    help="feature extractor; numbers are only comparable within one extractor")
     p.add_argument("--inception-weights", help="local torchvision Inception-v3 weights file")
     p.add_argument("--encoder", help="encoder run (extractor 'encoder')")
+    p.add_argument("--classifier", help="classifier run (extractor 'classifier')")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size")
     p.add_argument("--out", default=None, help="write the numbers as JSON")
     _add_runtime(p, progress=False)
@@ -630,6 +670,8 @@ def run_fid_cmd(args: argparse.Namespace) -> int:
         kw["weights"] = args.inception_weights
     elif args.extractor == "encoder":
         kw["encoder"] = args.encoder
+    elif args.extractor == "classifier":
+        kw["classifier"] = args.classifier
     elif args.extractor == "random":
         kw = {}
     ext = get_extractor(args.extractor, **kw)
@@ -652,28 +694,176 @@ def run_fid_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- report
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="run folder holding metrics.json (from evaluate or demo)")
+    p.add_argument("--out", default=None,
+                   help="HTML file to write (default: RUN_DIR/report.html)")
+
+
+@command("report", "write a self-contained HTML report (report.html) of an evaluation run")(
+    _add_report)
+def run_report_cmd(args: argparse.Namespace) -> int:
+    from cxredit.report import write_report
+
+    print(write_report(args.run_dir, args.out))
+    return 0
+
+
+# -------------------------------------------------------------------------------------- serve
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="weights/demo", help="weights bundle folder")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (the default keeps the page on this machine)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port")
+    p.add_argument("--max-upload-mb", type=float, default=20.0,
+                   help="largest upload accepted (bigger ones get HTTP 413)")
+    p.add_argument("--max-alpha", type=float, default=10.0,
+                   help="largest |alpha| of an edit (beyond it HTTP 422)")
+    p.add_argument("--max-project-steps", type=int, default=500,
+                   help="largest number of projection steps per refine request")
+    _add_runtime(p, progress=False)
+
+
+@command("serve", "serve the interactive editing page (and its JSON API) on this machine")(
+    _add_serve)
+def run_serve_cmd(args: argparse.Namespace) -> int:
+    from cxredit.web import WEB_EXTRA_MISSING, web_available
+
+    if not web_available():
+        print(f"cxredit serve: error: {WEB_EXTRA_MISSING}", file=sys.stderr)
+        return 2
+    from cxredit.web.app import serve
+
+    serve(args.weights, args.host, args.port, args.device, max_upload_mb=args.max_upload_mb,
+          max_alpha=args.max_alpha, max_project_steps=args.max_project_steps)
+    return 0
+
+
 # --------------------------------------------------------------------------------------- demo
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
-    p.add_argument("--n-healthy", type=int, default=100, help="healthy phantoms in the test set")
-    p.add_argument("--n-cardio", type=int, default=250,
-                   help="cardiomegaly phantoms in the test set")
-    p.add_argument("--resolution", type=int, default=64, help="image side in pixels")
-    p.add_argument("--gan-kimg", type=float, default=0.5,
-                   help="length of the short GAN training run (kimg)")
-    p.add_argument("--n-train", type=int, default=2000, help="phantoms in the training store")
+
+# ----------------------------------------------------------------------- bundles, evaluation
+def _add_export_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--gan", required=True, help="GAN run folder or checkpoint (G_ema is kept)")
+    p.add_argument("--encoder", help="encoder run/checkpoint trained against --gan")
+    p.add_argument("--segmenter", help="segmenter run/checkpoint")
+    p.add_argument("--classifier", help="classifier run/checkpoint")
+    p.add_argument("--direction", action="append", default=[], metavar="NAME=FILE",
+                   help="direction .npz made with --gan's generator (repeatable)")
+    p.add_argument("--fp32", action="store_true", help="keep every tensor in fp32")
+
+
+@command("export-bundle", "collect trained models and directions into one weights bundle")(
+    _add_export_bundle)
+def run_export_bundle(args: argparse.Namespace) -> int:
+    from cxredit.bundle import export_bundle
+
+    dirs = {}
+    for item in args.direction:
+        if "=" not in item:
+            raise ValueError(f"--direction expects NAME=FILE, got {item!r}")
+        name, path = item.split("=", 1)
+        dirs[name.strip()] = path
+    mf = export_bundle(args.out, args.gan, args.encoder, args.segmenter, args.classifier, dirs,
+                       half=not args.fp32)
+    doc = json.loads(mf.read_text())
+    parts = ", ".join(f"{k} ({v['dtype']})" for k, v in doc["components"].items())
+    print(f"{args.out}: {parts}; directions: {', '.join(doc['directions']) or 'none'}; "
+          f"{doc['total_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def _add_make_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="weights/demo", help="bundle folder to write")
+    p.add_argument("--work", default="runs/weights", help="folder of the training runs")
+    p.add_argument("--preset", default="demo64", choices=["demo64", "tiny"],
+                   help="recipe (and GAN preset)")
+    for name in ("gan", "encoder", "segmenter", "classifier"):
+        p.add_argument(f"--{name}-kimg", type=float, default=None,
+                       help=f"training length of the {name} (kimg; default: the recipe's)")
+    p.add_argument("--n-train", type=int, default=None, help="phantoms in the training store")
     _add_runtime(p)
 
 
-@command("demo", "run the pipeline on built-in phantom chest X-rays and summarise it")(_add_demo)
-def run_demo_cmd(args: argparse.Namespace) -> int:
-    from pathlib import Path
+@command("make-weights", "train G, E, segmenter and classifier on phantoms into a bundle")(
+    _add_make_weights)
+def run_make_weights(args: argparse.Namespace) -> int:
+    from cxredit.make_weights import make_weights
 
+    lengths = {k: v for k, v in (("gan_kimg", args.gan_kimg), ("encoder_kimg", args.encoder_kimg),
+                                 ("segmenter_kimg", args.segmenter_kimg),
+                                 ("classifier_kimg", args.classifier_kimg),
+                                 ("n_train", args.n_train)) if v is not None}
+    mf = make_weights(args.out, args.work, args.preset, device=args.device,
+                      progress=not args.no_progress, **lengths)
+    print(f"wrote {mf}")
+    return 0
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", required=True, help="bundle folder (G, E, segmenter, ...)")
+    p.add_argument("--data", required=True, help="store with a Cardiomegaly column")
+    p.add_argument("--split", choices=["train", "val", "test"], help="rows of --data to use")
+    p.add_argument("--query", help="pandas query on the store's metadata")
+    p.add_argument("--limit", type=int, default=None, help="at most N images")
+    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--n-fid", type=int, default=1000, help="images per set for FID/KID (0: skip)")
+    p.add_argument("--n-project", type=int, default=32,
+                   help="images per class refined by optimisation (0: skip)")
+    p.add_argument("--project-steps", type=int, default=100, help="optimisation steps")
+    p.add_argument("--n-edit", type=int, default=16, help="healthy images to edit")
+    p.add_argument("--direction", default="pair", help="bundle direction to edit along")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in (0, 1, 2, 3, 4, 5, 6)),
+                   help="edit strengths in units of the latents' std along the direction")
+    p.add_argument("--report", action="store_true", help="also write report.html")
+    _add_runtime(p)
+
+
+@command("evaluate", "measure generation, reconstruction, separability and edits of a bundle")(
+    _add_evaluate)
+def run_evaluate(args: argparse.Namespace) -> int:
+    from cxredit.evaluate import evaluate
+
+    try:
+        alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
+    except ValueError:
+        raise ValueError(f"--alphas: expected comma-separated numbers, got {args.alphas!r}") \
+            from None
+    m = evaluate(args.out, args.data, args.weights, args.split, args.query, args.limit,
+                 args.n_fid, args.n_project, args.project_steps, args.n_edit, args.direction,
+                 alphas, args.device, progress=not args.no_progress)
+    for t in m["targets"]:
+        val = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"{'met   ' if t['met'] else 'missed'} {t['name']}: {val} (target {t['target']})")
+    if args.report:
+        from cxredit.report import write_report
+
+        print(f"report: {write_report(args.out)}")
+    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (re-runs reuse it)")
+    p.add_argument("--weights", default="weights/demo", help="weights bundle folder")
+    p.add_argument("--n-healthy", type=int, default=100, help="healthy test phantoms")
+    p.add_argument("--n-cardio", type=int, default=250, help="cardiomegaly test phantoms")
+    p.add_argument("--n-project", type=int, default=32,
+                   help="images per class refined by optimisation")
+    p.add_argument("--project-steps", type=int, default=100, help="optimisation steps")
+    p.add_argument("--n-edit", type=int, default=16, help="healthy images edited")
+    _add_runtime(p)
+
+
+@command("demo", "run the paper's experiment on built-in phantoms with the shipped weights")(
+    _add_demo)
+def run_demo_cmd(args: argparse.Namespace) -> int:
     from cxredit.demo import print_summary, run_demo
 
-    s = run_demo(args.out, args.n_healthy, args.n_cardio, args.resolution, args.gan_kimg,
-                 args.n_train, args.device, progress=not args.no_progress)
-    print_summary(s, Path(args.out))
+    m = run_demo(args.out, args.weights, args.n_healthy, args.n_cardio, args.n_project,
+                 args.project_steps, args.n_edit, args.device, progress=not args.no_progress)
+    print_summary(m, Path(args.out))
     return 0
 
 
@@ -681,7 +871,8 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
 # `cxredit --help` lists the commands in the order of the pipeline (DESIGN.md).
 PIPELINE_ORDER = ("prepare", "phantoms", "info", "train-gan", "generate", "train-encoder",
                   "invert", "project", "separability", "enlarge-heart", "direction", "edit",
-                  "train-segmenter", "ctr", "fid", "demo")
+                  "train-segmenter", "train-classifier", "ctr", "fid", "export-bundle",
+                  "make-weights", "evaluate", "report", "serve", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,92 +1,145 @@
-"""`cxredit demo`: the main job on the built-in phantom data.
+"""`cxredit demo`: the paper's experiment on built-in phantoms with the shipped weights.
 
-This version runs the stages that exist today, end to end and for real:
-1. renders a phantom test set (100 healthy + 250 cardiomegaly by default, as in the paper's
-   separability experiment) into an ordinary store, with masks and CTR;
-2. prints the store summary and the CTR distribution of both classes;
-3. trains a small StyleGAN2 on a phantom training set for a short time (CPU-sized) and writes
-   a sample grid next to a grid of real phantoms.
-The encoder, projection, separability, direction and edit commands exist, but a meaningful run
-of them needs a well-trained generator; they join the demo with the shipped phantom-trained
-weights (a later version). The demo says so at the end.
+1. Renders a fresh phantom test set (subject seeds disjoint from every training seed): 100
+   healthy and 250 cardiomegaly images by default, as in the paper, with masks and true CTR.
+2. Finds the disease direction the paper's way: one healthy test image I, a copy I* whose
+   heart the segmenter's box and `enlarge-heart` widen by 30 %, v = normalize(E(I*) - E(I)).
+3. Runs `cxredit evaluate` with the bundle: encoder inversion of every image, optimisation
+   started from the encoder for a subset, LDA separability (in-sample and cross-validated),
+   the cosines between v and the bundle's directions (its LDA direction among them), edits of
+   16 healthy images along v with an alpha sweep, CTR by the segmenter, identity outside the
+   heart, and the SSIM to each subject's true counterfactual.
+4. Writes `report.html` and `metrics.json` and prints a summary table.
+
+Re-running the same command reuses the test set and the finished projections.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-log = logging.getLogger(__name__)
-
-TEST_SEED = 900  # phantom seed of the demo test set, disjoint from training seeds (0..)
-TRAIN_SEED = 1
+TEST_SEED = 900  # phantom seed of the demo test set (training uses 1, directions 700)
+WARP_SCALE = 1.3
 
 
-def run_demo(out: str | Path = "runs/demo", n_healthy: int = 100, n_cardio: int = 250,
-             resolution: int = 64, gan_kimg: float = 0.5, n_train: int = 2000,
-             device: str | None = None, progress: bool = True) -> dict:
-    """Run the demo into `out` (re-running continues finished stages) and return its numbers."""
-    from cxredit.config import preset
+def paper_direction(bundle, image: np.ndarray, out: Path) -> tuple[np.ndarray, dict]:
+    """v = normalize(E(I*) - E(I)) for one image I (float [R,R] in [0,1]) and its warped I*.
+
+    The heart box comes from the bundle's segmenter, as it would for a real X-ray. Writes
+    I.png, I_star.png (marked synthetic) and directions/pair_demo.npz into `out`.
+    """
+    from cxredit.data.io import write_png
+    from cxredit.latent.directions import pair_direction, save_direction
+    from cxredit.latent.heart_warp import HeartBox, enlarge_heart
+    from cxredit.train.segmenter import predict_masks
+
+    x = torch.from_numpy(image[None, None].astype(np.float32) * 2 - 1)
+    heart = predict_masks(bundle.segmenter, x)[0, 0].numpy()
+    if not heart.any():
+        raise ValueError("the segmenter finds no heart in the demo's image I")
+    warped, _ = enlarge_heart(image, HeartBox.from_mask(heart), scale=WARP_SCALE)
+    write_png(out / "I.png", image)
+    write_png(out / "I_star.png", warped,
+              provenance={"cxredit:synthetic": "true", "Description":
+                          f"SYNTHETIC: heart widened x{WARP_SCALE} by cxredit enlarge-heart"})
+    dev = next(bundle.E.parameters()).device
+    with torch.no_grad():
+        w = bundle.E(torch.from_numpy(np.stack([image, warped])[:, None].astype(np.float32)
+                                      * 2 - 1).to(dev)).cpu().numpy()
+    v = pair_direction(w[:1], w[1:])
+    info = {"method": "pair", "latents_from": "encoder",
+            "generator": {"path": str(bundle.path("generator")),
+                          "sha256": bundle.generator_sha256},
+            "inputs": {"I": str(out / "I.png"), "I_star": str(out / "I_star.png"),
+                       "warp_scale": WARP_SCALE}}
+    path = save_direction(out / "directions" / "pair_demo.npz", v, info)
+    return v, {**info, "file": str(path.relative_to(out))}
+
+
+def run_demo(out: str | Path = "runs/demo", weights: str | Path = "weights/demo",
+             n_healthy: int = 100, n_cardio: int = 250, n_project: int = 32,
+             project_steps: int = 100, n_edit: int = 16, device: str | None = None,
+             progress: bool = True) -> dict:
+    """Run the demo into `out` and return its metrics (see module doc)."""
+    from cxredit.bundle import load_bundle, read_manifest
     from cxredit.data.prepare import make_phantom_store
     from cxredit.data.store import ImageStore
-    from cxredit.generate import generate
-    from cxredit.runs import save_image_grid
-    from cxredit.train.gan import train_gan
+    from cxredit.evaluate import evaluate
+    from cxredit.report import write_report
 
+    t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    if not (Path(weights) / "bundle.json").exists():
+        raise ValueError(f"{weights}: no weights bundle here; make one with `cxredit "
+                         "make-weights` (hours on CPU) or pass --weights")
+    res = int(read_manifest(weights)["resolution"])
     n = n_healthy + n_cardio
     test_dir = out / "test_store"
     if not (test_dir / "store.json").exists():
-        make_phantom_store(test_dir, n, resolution, n_cardio / n, TEST_SEED, progress=progress)
-    test = ImageStore(test_dir)
-    ctr = test.meta["ctr"].to_numpy(float)
-    card = test.meta["Cardiomegaly"].to_numpy(float) == 1
-    summary = {
-        "test_set": {"healthy": int((~card).sum()), "cardiomegaly": int(card.sum()),
-                     "ctr_healthy": [float(ctr[~card].min()), float(ctr[~card].max())],
-                     "ctr_cardiomegaly": [float(ctr[card].min()), float(ctr[card].max())]},
-    }
-    rows = np.concatenate([np.flatnonzero(~card)[:8], np.flatnonzero(card)[:8]])
-    save_image_grid(test.tensor(rows), out / "real_phantoms.png", nrow=8)
-
-    train_dir = out / "train_store"
-    if not (train_dir / "store.json").exists():
-        make_phantom_store(train_dir, n_train, resolution, 0.5, TRAIN_SEED, progress=progress)
-    gan_dir = out / "gan"
-    cfg = preset("demo64").replace(resolution=resolution, kimg=gan_kimg,
-                                   snap_kimg=max(gan_kimg / 2, 0.1))
-    resume = (gan_dir / "config.json").exists()
-    rec = train_gan(train_dir, gan_dir, None if resume else cfg, resume=resume, device=device,
-                    progress=progress, kimg=gan_kimg if resume else None)
-    if not rec:  # the run had already finished: report its last logged record
-        from cxredit.runs import Run
-
-        rec = next(r for r in reversed(Run(gan_dir, resume=True).read_stats()) if "loss/G" in r)
-    gen = generate(gan_dir, list(range(16)), out / "samples", device=device)
-    summary["gan"] = {"kimg": rec.get("kimg"), "loss_G": rec.get("loss/G"),
-                      "loss_D": rec.get("loss/D"), "samples": str(gen["grid"])}
-    summary["seconds"] = round(time.time() - t0, 1)
-    (out / "demo.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        make_phantom_store(test_dir, n, res, n_cardio / n, TEST_SEED, progress=progress)
+    st = ImageStore(test_dir)
+    if st.resolution != res or len(st) != n:
+        raise ValueError(f"{test_dir}: holds {len(st)} images at {st.resolution} px, not {n} at "
+                         f"{res} px; remove it or use another --out")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bundle = load_bundle(weights, dev, components=("encoder", "segmenter"))
+    first_healthy = int(np.flatnonzero(st.meta["Cardiomegaly"].to_numpy() == 0)[0])
+    v, info = paper_direction(bundle, st.images[first_healthy].astype(np.float32) / 255, out)
+    m = evaluate(out, test_dir, weights, n_project=n_project, project_steps=project_steps,
+                 n_edit=n_edit, direction="pair_demo", device=device, progress=progress,
+                 command=["cxredit", "demo", "--out", str(out), "--weights", str(weights)],
+                 extra_directions={"pair_demo": (v, info)})
+    report = write_report(out)
+    m["demo_seconds"] = round(time.time() - t0, 1)
+    (out / "demo.json").write_text(json.dumps({"seconds": m["demo_seconds"],
+                                               "report": str(report)}, indent=2))
+    m["report"] = str(report)
+    return m
 
 
-def print_summary(s: dict, out: Path) -> None:
-    """Human-readable summary of `run_demo`'s numbers."""
-    t = s["test_set"]
+def _fmt(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def print_summary(m: dict, out: Path) -> None:
+    """Short table of the demo's numbers and the report's path."""
+    d, r = m["data"], m.get("reconstruction", {})
+    sep = m.get("separability", {}).get("encoder", {})
+    e = m.get("edit", {})
+    names = m.get("directions", {}).get("names", [])
+    cos = m.get("directions", {}).get("cosine", [])
     print(f"\ncxredit demo -> {out}")
-    print(f"  phantom test set   {t['healthy']} healthy (CTR {t['ctr_healthy'][0]:.2f}-"
-          f"{t['ctr_healthy'][1]:.2f}), {t['cardiomegaly']} cardiomegaly "
-          f"(CTR {t['ctr_cardiomegaly'][0]:.2f}-{t['ctr_cardiomegaly'][1]:.2f})")
-    g = s["gan"]
-    print(f"  StyleGAN2 (short)  {g['kimg']} kimg, loss G {g['loss_G']:.3f}, "
-          f"loss D {g['loss_D']:.3f}; samples: {g['samples']}")
-    print(f"  real phantoms      {out / 'real_phantoms.png'}")
-    print(f"  time               {s['seconds']} s")
-    print("  not in the demo yet: shipped phantom-trained weights, and with them the encoder, "
-          "projection, separability, direction and edit steps (the commands exist: see README)")
+    print(f"  test phantoms      {d['n_healthy']} healthy + {d['n_cardiomegaly']} cardiomegaly "
+          f"at {d['resolution']} px")
+    if "generation" in m:
+        g = m["generation"]
+        print(f"  generation         FID {_fmt(g['fid'], '.2f')} (real vs real "
+              f"{_fmt(g['baseline_fid'], '.2f')}), {g['extractor']} features")
+    print(f"  reconstruction     SSIM encoder {_fmt(r.get('encoder', {}).get('ssim'))}, "
+          f"projection {_fmt(r.get('projection', {}).get('ssim'))}")
+    print(f"  separability       {_fmt(sep.get('separation'), '.2f')} in-sample, "
+          f"{_fmt(sep.get('separation_cv'), '.2f')} cross-validated (paper: 4.8), "
+          f"AUC {_fmt(sep.get('auc'))}")
+    if "pair_demo" in names and "lda" in names:
+        c = cos[names.index("pair_demo")][names.index("lda")]
+        print(f"  directions         cos(paper pair, LDA) = {_fmt(c)}")
+    if e:
+        print(f"  edit ({e['direction']})   CTR {_fmt(e['ctr_mean'][0])} -> "
+              f"{_fmt(e['ctr_mean'][-1])} over alpha 0..{e['alphas'][-1]:g} sigma; "
+              f"{_fmt(e.get('pushed_past_0_5'), '.0%')} pushed past 0.5 with SSIM outside "
+              f"heart >= {e['identity_ssim_threshold']:g}")
+        tcf = [x for x in e.get("ssim_true_counterfactual") or [] if x is not None]
+        if tcf:
+            print(f"  true counterfactual SSIM of the edits {_fmt(min(tcf))} (worst alpha) to "
+                  f"{_fmt(max(tcf))}")
+    for t in m.get("targets", []):
+        print(f"  {'met   ' if t['met'] else 'MISSED'} {t['name']}: {_fmt(t['value'])} "
+              f"(target {t['target']})")
+    print(f"  time               {m.get('demo_seconds')} s")
+    print(f"  report             {m.get('report')}")

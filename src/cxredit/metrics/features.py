@@ -13,7 +13,8 @@ Extractors:
   (`encoder=RUN_OR_CKPT` or an `Encoder`): in-domain features for chest X-rays.
 - "random": a fixed, seeded random conv net: for tests and sanity checks only; its numbers are
   not comparable to anything.
-- "classifier": reserved for `cxredit train-classifier` (not available yet).
+- "classifier": pooled penultimate features of a cxredit classifier (`classifier=RUN_OR_CKPT`
+  or a `Classifier`, from `cxredit train-classifier`): in-domain, disease-aware features.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def get_extractor(name: str, **kw: Any) -> FeatureExtractor:
     """Build the extractor `name` ("inception", "encoder", "random", "classifier").
 
     Keyword arguments go to its constructor: `weights` (inception), `encoder` (encoder),
-    `seed` (random), and for all `device`, `batch_size`.
+    `classifier` (classifier), `seed` (random), and for all `device`, `batch_size`.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown feature extractor {name!r}; choose from "
@@ -236,6 +237,32 @@ class RandomExtractor(FeatureExtractor):
 
 
 @register_extractor("classifier")
-def _classifier_extractor(**kw: Any) -> FeatureExtractor:
-    raise ValueError("the 'classifier' feature extractor is not available yet (it comes with "
-                     "`cxredit train-classifier`); use 'inception', 'encoder' or 'random'")
+class ClassifierExtractor(FeatureExtractor):
+    """Pooled penultimate features of a cxredit classifier ([N, D], D = `Classifier.dim`).
+
+    Images of another side than the classifier's resolution are resized (bilinear,
+    antialiased when shrinking) by `Classifier.features`.
+
+    Args:
+        classifier: run folder or checkpoint of `cxredit train-classifier`, or a `Classifier`.
+    """
+
+    name = "classifier"
+
+    def __init__(self, classifier: Any = None, device: torch.device | str = "cpu",
+                 batch_size: int = 64) -> None:
+        super().__init__(device, batch_size)
+        if classifier is None:
+            raise ValueError("classifier features need a classifier run or checkpoint of "
+                             "`cxredit train-classifier` (classifier=RUN_OR_CKPT)")
+        if isinstance(classifier, nn.Module):
+            C = classifier.to(self.device).eval().requires_grad_(False)
+        else:
+            from cxredit.train.classifier import load_classifier
+
+            C = load_classifier(classifier, device=self.device)
+        self.C = C
+        self.dim = int(C.dim)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.C.features(x)

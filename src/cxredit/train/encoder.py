@@ -184,8 +184,10 @@ def load_encoder(path, device: torch.device | str = "cpu") -> tuple[Encoder, dic
     st = load_checkpoint(ck, kind=CKPT_KIND, map_location=device, keys=["E_config", "E", "gan"])
     E = Encoder.from_config(st["E_config"])
     E.load_state_dict(st["E"])
-    return E.to(device).eval().requires_grad_(False), {"gan": st.get("gan", {}),
-                                                       "checkpoint": str(ck)}
+    gan = dict(st.get("gan", {}))
+    if gan.get("path") and not Path(gan["path"]).is_absolute():  # bundles store "G"
+        gan["path"] = str(Path(ck).parent / gan["path"])
+    return E.to(device).eval().requires_grad_(False), {"gan": gan, "checkpoint": str(ck)}
 
 
 def train_encoder(gan: str | Path, data: str | Path, out: str | Path,

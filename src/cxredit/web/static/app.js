@@ -1,0 +1,183 @@
+// cxredit editing page: talks to the JSON API of the same server (see /docs).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { id: null, health: null, busy: false, editing: false, again: false };
+
+function setStatus(text, error = false) {
+  const el = $("#status");
+  el.textContent = text || "";
+  el.classList.toggle("error", !!error);
+}
+
+async function api(path, options = {}) {
+  const res = await fetch(path, options);
+  let body = {};
+  try { body = await res.json(); } catch (e) { /* non-JSON error page */ }
+  if (!res.ok) {
+    const d = body.detail;
+    const msg = Array.isArray(d) ? d.map((x) => x.msg).join("; ") : (d || res.statusText);
+    throw new Error(`${msg} (HTTP ${res.status})`);
+  }
+  return body;
+}
+
+const fmt = (c) => (c === null || c === undefined ? "n/a" : c.toFixed(3));
+
+function setDelta(before, after) {
+  const el = $("#ctr-delta");
+  el.classList.remove("up", "down");
+  if (before === null || after === null || before === undefined || after === undefined) {
+    el.textContent = "n/a";
+    return;
+  }
+  const d = after - before;
+  el.textContent = (d >= 0 ? "+" : "−") + Math.abs(d).toFixed(3);
+  if (Math.abs(d) >= 0.0005) el.classList.add(d > 0 ? "up" : "down");
+}
+
+function enable(on) {
+  for (const id of ["#refine", "#reset", "#alpha"]) $(id).disabled = !on;
+}
+
+async function init() {
+  try {
+    const h = (state.health = await api("/api/health"));
+    $("#model-info").textContent =
+      `cxredit ${h.version} · ${h.resolution} px · G ${h.generator_sha256.slice(0, 10)}` +
+      (h.segmenter ? "" : " · no segmenter");
+    for (const d of h.directions) $("#direction").add(new Option(`${d.name} (${d.method})`, d.name));
+    for (const s of h.samples) $("#sample").add(new Option(`Phantom: ${s.name}`, s.name));
+    const span = h.max_alpha;
+    const alpha = $("#alpha");
+    alpha.min = -span; alpha.max = span;
+    $("#alpha-min").textContent = `−${span}`; $("#alpha-max").textContent = `${span}`;
+    $("#steps").max = h.max_project_steps;
+    $("#res-note").textContent = `resized to ${h.resolution}×${h.resolution}`;
+    if (!h.directions.length) setStatus("This bundle ships no directions: editing is off.", true);
+  } catch (e) {
+    setStatus(`Cannot reach the server: ${e.message}`, true);
+  }
+}
+
+function showLatent(r) {
+  state.id = r.id;
+  if (r.input) $("#img-input").src = r.input;
+  $("#img-recon").src = r.reconstruction;
+  $("#recon-note").textContent = r.steps ? `encoder + ${r.steps} projection steps` : "encoder";
+  $("#ctr-input").textContent = fmt(r.ctr_input);
+  $("#ctr-recon").textContent = fmt(r.ctr_reconstruction);
+  $("#source").textContent = `Source: ${r.source} · MSE ${r.mse.toFixed(4)}`;
+  enable(true);
+  requestEdit();
+}
+
+async function encode(form, label) {
+  if (state.busy) return;
+  state.busy = true;
+  setStatus(`Encoding ${label}…`);
+  try {
+    showLatent(await api("/api/encode", { method: "POST", body: form }));
+    setStatus("");
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    state.busy = false;
+  }
+}
+
+function uploadFile(file) {
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  encode(form, file.name);
+}
+
+// One edit request in flight at a time; moves of the slider meanwhile coalesce into one more.
+async function requestEdit() {
+  if (!state.id || !state.health || !state.health.directions.length) return;
+  if (state.editing) { state.again = true; return; }
+  state.editing = true;
+  const alpha = parseFloat($("#alpha").value);
+  const direction = $("#direction").value;
+  try {
+    const r = await api("/api/edit", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: state.id, direction, alpha }),
+    });
+    const img = $("#img-edit");
+    img.src = r.image;
+    img.dataset.alpha = String(r.alpha);
+    $("#img-diff").src = r.diff;
+    $("#edit-note").textContent = `${direction}, α = ${r.alpha}`;
+    $("#ctr-edit").textContent = fmt(r.ctr);
+    setDelta(r.ctr_reconstruction, r.ctr);
+    const q = new URLSearchParams({ id: state.id, direction, alpha: String(r.alpha) });
+    const dl = $("#download");
+    dl.href = `/api/edit.png?${q}`;
+    dl.classList.remove("disabled");
+    dl.removeAttribute("aria-disabled");
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    state.editing = false;
+    if (state.again) { state.again = false; requestEdit(); }
+  }
+}
+
+async function refine() {
+  const steps = parseInt($("#steps").value, 10);
+  const bar = $("#progress"), note = $("#refine-status");
+  $("#refine").disabled = true;
+  bar.hidden = false; bar.value = 0;
+  note.textContent = "queued…";
+  try {
+    const { job } = await api("/api/project", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: state.id, steps }),
+    });
+    for (;;) {
+      await new Promise((ok) => setTimeout(ok, 250));
+      const j = await api(`/api/project/${job}`);
+      bar.value = j.steps ? j.step / j.steps : 0;
+      note.textContent = `${j.status}: step ${j.step} / ${j.steps}` +
+        (j.loss !== null ? ` · loss ${j.loss.toFixed(4)}` : "");
+      if (j.status === "done") { showLatent(j.result); note.textContent += " · done"; break; }
+      if (j.status === "error") throw new Error(j.error);
+    }
+  } catch (e) {
+    note.textContent = "";
+    setStatus(e.message, true);
+  } finally {
+    $("#refine").disabled = !state.id;
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  init();
+  $("#file").addEventListener("change", (ev) => uploadFile(ev.target.files[0]));
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    drop.classList.remove("over");
+    uploadFile(ev.dataTransfer.files[0]);
+  });
+  $("#load-sample").addEventListener("click", () => {
+    const form = new FormData();
+    form.append("sample", $("#sample").value);
+    encode(form, $("#sample").value);
+  });
+  $("#alpha").addEventListener("input", () => {
+    $("#alpha-value").textContent = $("#alpha").value;
+    requestEdit();
+  });
+  $("#direction").addEventListener("change", requestEdit);
+  $("#reset").addEventListener("click", () => {
+    $("#alpha").value = 0;
+    $("#alpha-value").textContent = "0";
+    requestEdit();
+  });
+  $("#refine").addEventListener("click", refine);
+});

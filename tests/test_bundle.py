@@ -1,0 +1,85 @@
+"""Weight bundles: export, fp16 storage within tolerance, loading, errors; make-weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cxredit.bundle import BundleError, export_bundle, load_bundle, read_manifest
+from cxredit.cli import main
+from cxredit.latent.invert import invert
+from cxredit.train.gan import load_generator
+
+
+def test_bundle_loads_and_matches_its_sources(tiny_bundle, tmp_path):
+    b = load_bundle(tiny_bundle)
+    mf = b.manifest
+    assert mf["resolution"] == b.resolution == 16 and set(b.directions) == {"pair", "pair16", "lda"}
+    src = load_generator(mf["components"]["generator"]["source"])
+    z = torch.randn(4, src.z_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (b.G(z, noise_mode="const") - src(z, noise_mode="const")).abs().max()
+    # fp16 storage: the output change is bounded by what the manifest recorded at export
+    assert mf["components"]["generator"]["dtype"] == "float16"
+    assert float(diff) <= 3 * mf["components"]["generator"]["fp16_max_abs_diff"] + 1e-6
+    assert all(p.dtype == torch.float32 for p in b.G.parameters())  # loaded back as fp32
+    # no training state travels: no D, no optimizer in the generator file
+    doc = json.loads((tiny_bundle / "G.json").read_text())
+    assert set(doc["state"]) == {"G_config", "G_ema"}
+    # the encoder inside the bundle points at the bundle's G, so `invert` works from it
+    assert json.loads((tiny_bundle / "E.json").read_text())["state"]["gan"]["path"] == "G"
+    r = invert(tiny_bundle / "E", tmp_path / "lat.npz",
+               store=mf["components"]["encoder"]["source"].split("/enc/")[0] + "/store",
+               progress=False)
+    assert r["count"] == 64 and np.isfinite(r["ssim"])
+    for name, (v, side) in b.directions.items():
+        assert abs(np.linalg.norm(v) - 1) < 1e-5, name
+        assert side["generator"]["sha256"] == b.generator_sha256
+
+
+def test_fp32_export_is_exact_and_partial_loading(tiny_bundle, tmp_path):
+    src = read_manifest(tiny_bundle)["components"]
+    export_bundle(tmp_path / "b32", src["generator"]["source"], half=False)
+    b = load_bundle(tmp_path / "b32")
+    assert b.E is None and b.segmenter is None and not b.directions
+    ref = load_generator(src["generator"]["source"])
+    for (k, p), q in zip(b.G.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(p, q), k
+    with pytest.raises(BundleError, match="no encoder"):
+        load_bundle(tmp_path / "b32", components=("encoder",))
+
+
+def test_bundle_errors(tiny_bundle, tmp_path):
+    with pytest.raises(BundleError, match="no bundle.json"):
+        load_bundle(tmp_path)
+    (tmp_path / "bundle.json").write_text(json.dumps({"format": "cxredit.bundle",
+                                                      "format_version": 99}))
+    with pytest.raises(BundleError, match="version 99"):
+        load_bundle(tmp_path)
+    src = read_manifest(tiny_bundle)["components"]
+    other = tmp_path / "other"
+    assert main(["train-gan", "--data", src["encoder"]["source"].split("/enc/")[0] + "/store",
+                 "--out", str(other), "--preset", "tiny", "--kimg", "0.008", "--batch", "8",
+                 "--set", "resolution=16", "--set", "channel_base=128", "--set", "w_dim=8",
+                 "--set", "z_dim=8", "--no-aug", "--no-progress", "--seed", "5"]) == 0
+    with pytest.raises(BundleError, match="another generator"):
+        export_bundle(tmp_path / "x", other, encoder=src["encoder"]["source"])
+
+
+def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
+    args = ["make-weights", "--out", str(tmp_path / "w"), "--work", str(tmp_path / "runs"),
+            "--preset", "tiny", "--n-train", "48", "--no-progress"]
+    assert main(args) == 0
+    b = load_bundle(tmp_path / "w")
+    assert b.classifier is not None and b.segmenter is not None and b.E is not None
+    assert set(b.directions) == {"pair", "pair16", "lda"}
+    rec = b.manifest["recipe"]
+    assert rec["preset"] == "tiny" and rec["n_train"] == 48
+    assert set(b.manifest["seconds"]) == {"generator", "encoder", "segmenter", "classifier"}
+    sha = b.generator_sha256
+    assert main(args) == 0  # every stage is finished: the same generator is exported again
+    assert load_bundle(tmp_path / "w").generator_sha256 == sha
+    assert main(["export-bundle", "--out", str(tmp_path / "w2"), "--gan",
+                 str(tmp_path / "runs" / "gan"), "--direction", "bad"]) == 2
+    assert "NAME=FILE" in capsys.readouterr().err

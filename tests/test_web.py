@@ -1,0 +1,352 @@
+"""`cxredit serve`: the JSON API (ASGI test client) and the page in a real browser (Playwright
+driving Debian's chromium)."""
+
+import base64
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from cxredit.bundle import load_bundle
+from cxredit.cli import build_parser, main
+from cxredit.data.io import write_dicom, write_png
+from cxredit.data.phantom import render, sample_case
+from cxredit.web.app import STATIC, create_app
+from cxredit.web.engine import ApiError, EditEngine
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "weights" / "demo"
+CHROMIUM = "/usr/bin/chromium"
+LIMIT_MB = 0.25
+
+
+def _phantom(resolution: int = 96, seed: int = 123) -> np.ndarray:
+    subject, h = sample_case(seed, False)
+    return render(subject, h, resolution).image
+
+
+def _file_bytes(kind: str, tmp_path: Path) -> bytes:
+    img = _phantom()
+    if kind == "dcm":
+        return write_dicom(tmp_path / "x.dcm", img).read_bytes()
+    buf = io.BytesIO()
+    Image.fromarray((img * 255).round().astype(np.uint8)).save(
+        buf, format={"png": "PNG", "jpg": "JPEG"}[kind])
+    return buf.getvalue()
+
+
+def _decode(url: str) -> np.ndarray:
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle):
+    app = create_app(tiny_bundle, max_upload_mb=LIMIT_MB, max_project_steps=50)
+    with TestClient(app) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def latent(client) -> dict:
+    r = client.post("/api/encode", files={"sample": (None, "healthy-1")})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_lists_models_directions_and_limits(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["resolution"] == 16
+    assert {d["name"] for d in h["directions"]} >= {"pair", "lda"}
+    assert h["max_alpha"] == 10 and h["max_upload_mb"] == LIMIT_MB
+    assert h["encoder"] and h["segmenter"] and len(h["samples"]) == 6
+
+
+def test_sample_encodes_and_alpha_zero_is_the_reconstruction(client, latent):
+    assert latent["source"] == "phantom:healthy-1" and len(latent["id"]) == 32
+    assert _decode(latent["input"]).shape == (16, 16)
+    rec = _decode(latent["reconstruction"])
+    e0 = client.post("/api/edit", json={"id": latent["id"], "direction": "pair", "alpha": 0})
+    assert e0.status_code == 200
+    assert np.array_equal(_decode(e0.json()["image"]), rec)
+    assert e0.json()["max_abs_diff"] == 0
+    e5 = client.post("/api/edit", json={"id": latent["id"], "direction": "pair", "alpha": 5}).json()
+    assert e5["max_abs_diff"] > 0 and _decode(e5["diff"]).shape == (16, 16, 3)
+    for key in ("ctr", "ctr_reconstruction"):
+        assert e5[key] is None or 0 < e5[key] < 5
+
+
+@pytest.mark.parametrize("kind", ["png", "jpg", "dcm"])
+def test_upload_png_jpeg_dicom(client, tmp_path, kind):
+    # A hostile file name is never used as a path; the type comes from the bytes.
+    data = _file_bytes(kind, tmp_path)
+    r = client.post("/api/encode", files={"file": ("../../etc/passwd", data)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["source"].startswith("upload sha256:") and "passwd" not in body["source"]
+    assert _decode(body["input"]).shape == (16, 16)
+
+
+def test_dicom_without_preamble_is_recognised_by_its_name(client, tmp_path):
+    data = _file_bytes("dcm", tmp_path)[128 + 4:]  # no preamble, no DICM magic
+    r = client.post("/api/encode", files={"file": ("image.dcm", data)})
+    assert r.status_code in (200, 422), r.text  # parsed, or refused with a clear message
+    if r.status_code == 422:
+        assert "DICOM" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("name, data, status, words", [
+    ("empty.png", b"", 400, "empty"),
+    ("notes.txt", b"hello, not an image" * 10, 415, "PNG, JPEG or DICOM"),
+    ("fake.png", b"GIF89a" + bytes(200), 415, "unsupported file type"),
+    ("broken.png", b"\x89PNG\r\n\x1a\n" + bytes(300), 422, "cannot read the uploaded PNG"),
+    ("broken.dcm", bytes(128) + b"DICM" + b"\x02\x00garbage" * 20, 422,
+     "cannot read the uploaded DICOM"),
+    ("huge.png", b"\x89PNG\r\n\x1a\n" + bytes(int(LIMIT_MB * 2**20) + 10), 413, "limit"),
+])
+def test_bad_uploads_get_4xx_with_a_message(client, name, data, status, words):
+    r = client.post("/api/encode", files={"file": (name, data)})
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+
+
+def test_request_far_over_the_limit_is_refused_before_parsing(client):
+    r = client.post("/api/encode", content=bytes(2**20),
+                    headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413
+
+
+@pytest.mark.parametrize("kwargs, status", [
+    ({"files": {"other": (None, "x")}}, 422),  # neither file nor sample
+    ({"files": {"sample": (None, "no-such-sample")}}, 404),
+    ({"json": {"sample": "healthy-1"}}, 415),
+    ({"data": {"sample": "healthy-2"}}, 200),  # url-encoded form works for samples
+])
+def test_encode_request_forms(client, kwargs, status):
+    assert client.post("/api/encode", **kwargs).status_code == status
+
+
+@pytest.mark.parametrize("body, status", [
+    ({"direction": "pair", "alpha": 10.5}, 422),
+    ({"direction": "pair", "alpha": -11}, 422),
+    ({"direction": "pair", "alpha": 10}, 200),
+    ({"direction": "pair"}, 422),
+    ({"direction": "pair", "alpha": "a lot"}, 422),
+    ({"direction": "no-such-direction", "alpha": 1}, 404),
+    ({"direction": "pair", "alpha": 1, "id": "0" * 32}, 404),
+])
+def test_edit_validation(client, latent, body, status):
+    r = client.post("/api/edit", json={"id": latent["id"], **body})
+    assert r.status_code == status, r.text
+    if status != 200:
+        assert r.json()["detail"]
+
+
+def test_download_carries_provenance(client, latent, tiny_bundle):
+    r = client.get("/api/edit.png", params={"id": latent["id"], "direction": "pair",
+                                            "alpha": 2.5})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.headers["content-disposition"] == \
+        'attachment; filename="cxredit-edit-pair-a2.5.png"'
+    img = Image.open(io.BytesIO(r.content))
+    img.load()
+    assert img.size == (16, 16)
+    text = img.text
+    assert text["cxredit:synthetic"] == "true" and text["cxredit:alpha"] == "2.5"
+    assert text["cxredit:direction"] == "pair" and text["cxredit:direction-method"] == "pair"
+    assert text["cxredit:generator-sha256"] == load_bundle(tiny_bundle).generator_sha256
+    assert latent["id"] in text["cxredit:source-id"] and "not for diagnosis" in \
+        text["Description"]
+    bad = client.get("/api/edit.png", params={"id": "nope", "direction": "pair", "alpha": 1})
+    assert bad.status_code == 404
+
+
+def test_projection_job_gives_a_new_latent(client, latent):
+    r = client.post("/api/project", json={"id": latent["id"], "steps": 5})
+    assert r.status_code == 202
+    job = r.json()["job"]
+    deadline = time.time() + 60
+    while (s := client.get(f"/api/project/{job}").json())["status"] not in ("done", "error"):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert s["status"] == "done" and s["step"] == s["steps"] == 5, s
+    new = s["result"]
+    assert new["id"] != latent["id"] and new["steps"] == 5
+    assert client.post("/api/edit", json={"id": new["id"], "direction": "lda",
+                                          "alpha": 1}).status_code == 200
+    assert client.get("/api/project/unknown").status_code == 404
+    for body, status in [({"id": latent["id"], "steps": 0}, 422),
+                         ({"id": latent["id"], "steps": 51}, 422),
+                         ({"id": "unknown", "steps": 5}, 404)]:
+        assert client.post("/api/project", json=body).status_code == status
+
+
+def test_docs_and_openapi_work_offline(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/api/encode", "/api/edit", "/api/project", "/api/health"} <= set(schema["paths"])
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
+    for path in ("/api/encode", "/api/edit", "/api/project", "/api/health", "/openapi.json"):
+        assert path in docs.text
+    page = client.get("/")
+    assert page.status_code == 200 and "SYNTHETIC EDIT" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    # Nothing the page or the docs load may come from another host.
+    for text in [docs.text, *(f.read_text() for f in STATIC.iterdir())]:
+        assert "http://" not in text and "https://" not in text and "@import" not in text
+
+
+def test_lru_forgets_old_latents_and_temp_folder_is_cleaned(tiny_bundle, tmp_path):
+    engine = EditEngine(load_bundle(tiny_bundle), cache_size=2)
+    tmp = Path(engine._tmp.name)
+    try:
+        first = engine.encode_upload(_file_bytes("png", tmp_path))["id"]
+        assert tmp.is_dir() and not any(tmp.iterdir())  # the upload was deleted at once
+        engine.encode_sample("healthy-2")
+        engine.encode_sample("healthy-3")
+        with pytest.raises(ApiError) as e:
+            engine.edit(first, "pair", 1.0)
+        assert e.value.status == 404
+    finally:
+        engine.close()
+    assert not tmp.exists()
+
+
+def test_image_with_too_many_pixels_is_refused_before_decoding(tiny_bundle):
+    engine = EditEngine(load_bundle(tiny_bundle), max_pixels=1000)
+    try:
+        buf = io.BytesIO()
+        Image.new("L", (40, 40)).save(buf, format="PNG")
+        with pytest.raises(ApiError) as e:
+            engine.encode_upload(buf.getvalue())
+        assert e.value.status == 413 and "40x40 pixels" in e.value.detail
+    finally:
+        engine.close()
+
+
+def test_concurrent_edits_equal_serial_ones(tiny_bundle):
+    engine = EditEngine(load_bundle(tiny_bundle))
+    try:
+        ids = [engine.encode_sample(n)["id"] for n in ("healthy-1", "cardiomegaly-1")]
+        jobs = [(i, d, a) for i in ids for d in ("pair", "lda") for a in (-3.0, 0.0, 2.0, 6.0)]
+        serial = [engine.edit(*j)["image"] for j in jobs]
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(pool.map(lambda j: engine.edit(*j)["image"], jobs))
+        assert parallel == serial
+    finally:
+        engine.close()
+
+
+def test_cli_serve_defaults_and_call(monkeypatch, tiny_bundle):
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.max_upload_mb, args.max_alpha, args.weights) == \
+        ("127.0.0.1", 7860, 20.0, 10.0, "weights/demo")
+    seen = {}
+    monkeypatch.setattr("cxredit.web.app.serve", lambda *a, **k: seen.update(a=a, k=k))
+    assert main(["serve", "--weights", str(tiny_bundle), "--port", "9999",
+                 "--max-alpha", "4"]) == 0
+    assert seen["a"][:3] == (str(tiny_bundle), "127.0.0.1", 9999)
+    assert seen["k"]["max_alpha"] == 4
+
+
+def test_cli_serve_without_web_extra(monkeypatch, capsys):
+    monkeypatch.setattr("cxredit.web.web_available", lambda: False)
+    assert main(["serve"]) == 2
+    assert "cxredit serve needs the web extra: pip install 'cxredit[web]'" in \
+        capsys.readouterr().err
+
+
+def test_missing_bundle_is_a_one_line_error(tmp_path, capsys):
+    assert main(["serve", "--weights", str(tmp_path / "nothing")]) == 2
+    assert "not a cxredit weights bundle" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the browser
+def _start_server(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 20
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
+    """Upload a phantom, move the slider: the edited image and the CTR readout change.
+
+    With the shipped bundle (weights/demo) the CTR must rise for a positive alpha of "pair",
+    and the screenshot becomes docs/web.png; with the tiny test bundle it must only change.
+    """
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: the browser test drives Debian's chromium; "
+                    "install it with `apt-get install chromium` (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    real = (DEMO / "bundle.json").exists()
+    png = write_png(tmp_path / "phantom.png", _phantom(128))
+    server, thread, base = _start_server(create_app(DEMO if real else tiny_bundle))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=CHROMIUM, headless=True,
+                args=["--no-sandbox", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run",
+                      "--disable-default-apps", "--disable-dev-shm-usage", "--disable-gpu"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 900})
+                errors, foreign = [], []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                page.on("request", lambda r: None if r.url.startswith((base, "data:"))
+                        else foreign.append(r.url))
+                page.goto(base + "/")
+                # (no wait_for_function: the page's CSP forbids evaluating strings)
+                page.wait_for_selector("#direction option", state="attached")
+                page.select_option("#direction", "pair")
+                page.set_input_files("#file", str(png))
+                page.wait_for_selector("#img-edit[data-alpha='0']", timeout=20_000)
+                src0 = page.get_attribute("#img-edit", "src")
+                ctr0 = page.text_content("#ctr-edit")
+
+                def slide(alpha: float) -> tuple[str, str]:
+                    page.fill("#alpha", f"{alpha:g}")
+                    page.wait_for_selector(f"#img-edit[data-alpha='{alpha:g}']", timeout=20_000)
+                    return page.get_attribute("#img-edit", "src"), page.text_content("#ctr-edit")
+
+                src, ctr = slide(4.0)
+                assert src != src0, "the edited image did not change with alpha"
+                if real:
+                    assert float(ctr) > float(ctr0), f"CTR did not rise: {ctr0} -> {ctr}"
+                else:
+                    for alpha in (10.0, -10.0, -6.0, 8.0):  # 16 px: CTR moves in coarse steps
+                        if ctr != ctr0:
+                            break
+                        src, ctr = slide(alpha)
+                    assert ctr != ctr0, f"the CTR readout never changed ({ctr0})"
+                assert page.get_attribute("#download", "href").startswith("/api/edit.png?")
+                page.fill("#steps", "5")
+                page.click("#refine")
+                page.wait_for_selector("#refine-status:has-text('done')", timeout=30_000)
+                page.wait_for_selector("#img-edit[data-alpha]")
+                assert "5 projection steps" in page.text_content("#recon-note")
+                assert not errors and not foreign, (errors, foreign)
+                assert "SYNTHETIC EDIT" in page.text_content(".panel.edited")
+                shot = ROOT / "docs" / "web.png" if real else tmp_path / "web.png"
+                page.screenshot(path=str(shot), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
