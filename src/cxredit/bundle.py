@@ -280,3 +280,50 @@ def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
         b.directions[name] = load_direction(root / d["file"])
     return b
 
+
+
+def assemble_bundle(gan: str | os.PathLike, encoder: str | os.PathLike | None = None,
+                    segmenter: str | os.PathLike | None = None,
+                    classifier: str | os.PathLike | None = None,
+                    directions: dict[str, str | os.PathLike] | None = None,
+                    device: torch.device | str = "cpu") -> Bundle:
+    """A `Bundle` made in memory from training runs or checkpoints (nothing is written).
+
+    The manifest's component "file" entries are the checkpoints' absolute paths.
+    """
+    from cxredit.latent.directions import load_direction
+    from cxredit.runs import find_checkpoint
+    from cxredit.train.encoder import load_encoder
+    from cxredit.train.gan import load_generator
+    from cxredit.train.segmenter import load_segmenter
+
+    srcs = {"generator": gan, "encoder": encoder, "segmenter": segmenter,
+            "classifier": classifier}
+    comps = {}
+    for name, src in srcs.items():
+        if src is not None:
+            ck = find_checkpoint(src).resolve()
+            comps[name] = {"file": str(ck.with_suffix("")), "kind": COMPONENTS[name][1],
+                           "sha256": checkpoint_sha256(ck), "source": str(ck)}
+    G = load_generator(gan, device)
+    dirs = {n: load_direction(p) for n, p in (directions or {}).items()}
+    for n, (v, _) in dirs.items():
+        if v.shape[-1] != G.w_dim:
+            raise BundleError(f"{directions[n]}: w_dim {v.shape[-1]} != generator's {G.w_dim}")
+    mf = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
+          "resolution": int(G.img_resolution), "w_dim": int(G.w_dim), "components": comps,
+          "directions": {n: {"file": str(p), "method": dirs[n][1].get("method")}
+                         for n, p in (directions or {}).items()}}
+    b = Bundle(root=Path("/"), manifest=mf, G=G, directions=dirs)
+    if encoder is not None:
+        b.E, e_info = load_encoder(encoder, device)
+        if e_info["gan"].get("sha256") not in (None, comps["generator"]["sha256"]):
+            raise BundleError(f"{encoder}: encoder was trained against another generator "
+                              f"({e_info['gan'].get('path')})")
+    if segmenter is not None:
+        b.segmenter = load_segmenter(segmenter, device)
+    if classifier is not None:
+        from cxredit.train.classifier import load_classifier
+
+        b.classifier = load_classifier(classifier, device)
+    return b

@@ -62,7 +62,8 @@ def _add_prepare(p: argparse.ArgumentParser) -> None:
     p.add_argument("--query", default=None,
                    help="keep only rows matching a label query, e.g. \"Cardiomegaly==1\"")
     p.add_argument("--labels-csv", default=None,
-                   help="folder source: CSV with labels joined on file name")
+                   help="folder source: CSV joined on file name (labels; optional "
+                        "mask_heart/mask_right_lung/mask_left_lung mask files)")
     _add_runtime(p, device=False)
 
 
@@ -548,7 +549,8 @@ def run_direction_cmd(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------- evaluation
 def _add_train_segmenter(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="store with masks.npy (e.g. from phantoms)")
+    p.add_argument("--data", required=True,
+                   help="store with masks.npy (phantoms, or a folder store with mask columns)")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--kimg", type=float, help="training length in thousands of images")
     p.add_argument("--batch", type=int, help="images per step")
@@ -802,18 +804,26 @@ def run_make_weights(args: argparse.Namespace) -> int:
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", required=True, help="bundle folder (G, E, segmenter, ...)")
+    models = p.add_mutually_exclusive_group(required=True)
+    models.add_argument("--weights", help="bundle folder (G, E, segmenter, ... and directions)")
+    models.add_argument("--gan", help="GAN run or checkpoint (instead of --weights)")
+    p.add_argument("--encoder", help="with --gan: encoder run/checkpoint")
+    p.add_argument("--segmenter", help="with --gan: segmenter run/checkpoint (CTR of edits)")
+    p.add_argument("--classifier", help="with --gan: classifier run/checkpoint")
+    p.add_argument("--direction", default=None,
+                   help="direction to edit along: a bundle direction name or a .npz file "
+                        "(default: the bundle's 'pair')")
     p.add_argument("--data", required=True, help="store with a Cardiomegaly column")
     p.add_argument("--split", choices=["train", "val", "test"], help="rows of --data to use")
     p.add_argument("--query", help="pandas query on the store's metadata")
     p.add_argument("--limit", type=int, default=None, help="at most N images")
-    p.add_argument("--out", required=True, help="folder for metrics.json and figures")
+    p.add_argument("--out", required=True,
+                   help="folder for metrics.json and figures (or a path ending in .json)")
     p.add_argument("--n-fid", type=int, default=1000, help="images per set for FID/KID (0: skip)")
     p.add_argument("--n-project", type=int, default=32,
                    help="images per class refined by optimisation (0: skip)")
     p.add_argument("--project-steps", type=int, default=100, help="optimisation steps")
     p.add_argument("--n-edit", type=int, default=16, help="healthy images to edit")
-    p.add_argument("--direction", default="pair", help="bundle direction to edit along")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in (0, 1, 2, 3, 4, 5, 6)),
                    help="edit strengths in units of the latents' std along the direction")
     p.add_argument("--report", action="store_true", help="also write report.html")
@@ -823,24 +833,45 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
 @command("evaluate", "measure generation, reconstruction, separability and edits of a bundle")(
     _add_evaluate)
 def run_evaluate(args: argparse.Namespace) -> int:
+    from cxredit.bundle import assemble_bundle
     from cxredit.evaluate import evaluate
+    from cxredit.latent.directions import load_direction
 
     try:
         alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
     except ValueError:
         raise ValueError(f"--alphas: expected comma-separated numbers, got {args.alphas!r}") \
             from None
-    m = evaluate(args.out, args.data, args.weights, args.split, args.query, args.limit,
-                 args.n_fid, args.n_project, args.project_steps, args.n_edit, args.direction,
-                 alphas, args.device, progress=not args.no_progress)
+    extra, direction = {}, args.direction
+    if direction and direction.endswith(".npz"):
+        v, info = load_direction(direction)
+        direction = Path(direction).stem
+        extra[direction] = (v, {**info, "file": args.direction})
+    if args.weights:
+        extras = [o for o in ("encoder", "segmenter", "classifier") if getattr(args, o)]
+        if extras:
+            raise ValueError(f"--{extras[0]} goes with --gan; a bundle brings its own models")
+        weights = args.weights
+    else:
+        weights = assemble_bundle(args.gan, args.encoder, args.segmenter, args.classifier,
+                                  device=args.device or "cpu")
+    out, name = Path(args.out), "metrics.json"
+    if out.suffix == ".json":
+        out, name = out.parent, out.name
+    m = evaluate(out, args.data, weights, args.split, args.query, args.limit, args.n_fid,
+                 args.n_project, args.project_steps, args.n_edit, direction, alphas,
+                 args.device, progress=not args.no_progress, extra_directions=extra,
+                 metrics_name=name)
     for t in m["targets"]:
         val = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"{'met   ' if t['met'] else 'missed'} {t['name']}: {val} (target {t['target']})")
+    for stage, why in m.get("skipped", {}).items():
+        print(f"skipped {stage}: {why}")
     if args.report:
         from cxredit.report import write_report
 
-        print(f"report: {write_report(args.out)}")
-    print(f"metrics: {Path(args.out) / 'metrics.json'}")
+        print(f"report: {write_report(out / name)}")
+    print(f"metrics: {out / name}")
     return 0
 
 

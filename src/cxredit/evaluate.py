@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from cxredit import __version__
+from cxredit.bundle import Bundle
 
 log = logging.getLogger(__name__)
 
@@ -123,42 +124,49 @@ def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: in
     return torch.from_numpy(np.stack([done[int(r)] for r in rows]))
 
 
-def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.PathLike,
+def evaluate(out: str | os.PathLike, data: str | os.PathLike,
+             weights: str | os.PathLike | Bundle | None = None,
              split: str | None = None, query: str | None = None, limit: int | None = None,
              n_fid: int = 1000, n_project: int = 32, project_steps: int = 100,
-             n_edit: int = 16, direction: str = "pair",
+             n_edit: int = 16, direction: str | None = None,
              alphas: tuple[float, ...] = DEFAULT_ALPHAS, device: str | None = None,
              progress: bool = True, command: str | list[str] | None = None,
-             extra_directions: dict[str, tuple[np.ndarray, dict]] | None = None) -> dict:
+             extra_directions: dict[str, tuple[np.ndarray, dict]] | None = None,
+             metrics_name: str = "metrics.json") -> dict:
     """Evaluate a bundle on a labelled store; the API of `cxredit evaluate`.
 
+    Every stage whose models are present runs: without an encoder, projection starts from
+    G's mean w and separability uses the projections; without a segmenter or a direction the
+    edit stage is skipped; FID/KID uses the classifier's features, else the encoder's, else it
+    is skipped (no in-domain extractor). Skipped stages are simply absent from the metrics.
+
     Args:
-        out: folder for metrics.json, figures and latents.
+        out: folder for the metrics file, figures and latents.
         data: store with a Cardiomegaly column (1 / 0; other values are left out).
-        weights: bundle folder (`cxredit export-bundle`, `cxredit make-weights`).
+        weights: bundle folder (`cxredit export-bundle`, `cxredit make-weights`) or a `Bundle`
+            (e.g. from `assemble_bundle` over training runs).
         split, query, limit: which store rows to use.
         n_fid: at most this many real and generated images for FID/KID (0: skip).
         n_project: images per class projected by optimisation (0: skip).
         project_steps: optimisation steps per image.
         n_edit: healthy images edited.
-        direction: bundle direction to edit along.
+        direction: direction to edit along (None: "pair" if present, else the first).
         alphas: edit strengths in units of sigma_v (see module doc).
         device: torch device (None: cuda when available).
         progress: tqdm bars.
         command: recorded in the metrics (default: this process's argv).
         extra_directions: name -> (v, sidecar) added to the bundle's directions (e.g. one
             the caller fitted on the spot); a sidecar "file" entry is listed as its file.
+        metrics_name: file name of the metrics inside `out`.
 
     Returns:
-        The metrics dict (also in `out/metrics.json`).
+        The metrics dict (also written to `out/metrics_name`).
     """
     from cxredit.bundle import load_bundle
     from cxredit.data.store import ImageStore
     from cxredit.generate import provenance
     from cxredit.latent.directions import cosine
-    from cxredit.latent.edit import edit_provenance
     from cxredit.latent.separability import histogram_figure, separability
-    from cxredit.metrics.edit import edit_sweep, latent_editing_consistency, summarize_sweep
     from cxredit.metrics.features import get_extractor
     from cxredit.metrics.fid import compare_sets
     from cxredit.metrics.recon import recon_metrics
@@ -169,19 +177,21 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    b = load_bundle(weights, dev)
+    if weights is None:
+        raise ValueError("give a weights bundle (or the runs behind one)")
+    b = weights if isinstance(weights, Bundle) else load_bundle(weights, dev)
     files = {n: d["file"] for n, d in b.manifest.get("directions", {}).items()}
     for name, (v_extra, info_extra) in (extra_directions or {}).items():
         b.directions[name] = (np.asarray(v_extra, np.float32), info_extra)
         files[name] = info_extra.get("file")
-    if b.E is None or b.segmenter is None:
-        raise ValueError(f"{weights}: evaluation needs a bundle with an encoder and a segmenter")
-    if direction not in b.directions:
-        raise ValueError(f"{weights}: no direction {direction!r}; the bundle has "
+    if direction is None and b.directions:
+        direction = "pair" if "pair" in b.directions else next(iter(b.directions))
+    if direction is not None and direction not in b.directions:
+        raise ValueError(f"no direction {direction!r}; there are "
                          f"{', '.join(b.directions) or 'none'}")
     st = ImageStore(data)
     if st.resolution != b.resolution:
-        raise ValueError(f"{data}: store is {st.resolution} px, the bundle {b.resolution} px")
+        raise ValueError(f"{data}: store is {st.resolution} px, the generator {b.resolution} px")
     if "Cardiomegaly" not in st.meta.columns:
         raise ValueError(f"{data}: the store has no Cardiomegaly column")
     rows = st.select(split, query)[:limit]
@@ -196,15 +206,14 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
                "command": command if command is not None else sys.argv,
                "cxredit_version": __version__,
                "models": {k: _model_record(b, k) for k in b.manifest["components"]},
-               "weights": str(weights),
+               "weights": str(weights) if not isinstance(weights, Bundle) else None,
                "data": {"store": str(data), "split": split, "query": query, "n": int(len(rows)),
                         "n_healthy": int((~lab).sum()), "n_cardiomegaly": int(lab.sum()),
                         "phantom": phantom, "resolution": st.resolution},
-               "figures": {}}
-    mpath = out / "metrics.json"
+               "figures": {}, "skipped": {}}
+    mpath = out / metrics_name
     _write_json(mpath, m)
     gen_sha = b.generator_sha256
-    synth_meta = provenance(gen_sha, "generated sample")
 
     # -- figures of real images and samples
     show = np.concatenate([np.flatnonzero(~lab)[:8], np.flatnonzero(lab)[:8]])
@@ -212,14 +221,18 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
     with torch.no_grad():
         z = torch.randn(16, b.G.z_dim, generator=torch.Generator().manual_seed(0))
         samples = b.G(z.to(dev), noise_mode="const").clamp(-1, 1).cpu()
-    save_image_grid(samples, out / "samples.png", nrow=8, provenance=synth_meta)
+    save_image_grid(samples, out / "samples.png", nrow=8,
+                    provenance=provenance(gen_sha, "generated sample"))
     m["figures"].update(real="real.png", samples="samples.png")
 
     # -- 1. generation
-    if n_fid > 0:
+    ex = (get_extractor("classifier", classifier=b.classifier, device=dev)
+          if b.classifier is not None else
+          get_extractor("encoder", encoder=b.E, device=dev) if b.E is not None else None)
+    if n_fid > 0 and ex is None:
+        m["skipped"]["generation"] = "no in-domain feature extractor (classifier or encoder)"
+    elif n_fid > 0:
         half = min(n_fid, len(x) // 2)
-        ex = (get_extractor("classifier", classifier=b.classifier, device=dev)
-              if b.classifier is not None else get_extractor("encoder", encoder=b.E, device=dev))
         perm = np.random.default_rng(0).permutation(len(x))
         real_a, real_b = x[perm[:half]], x[perm[half:2 * half]]
         gz = torch.randn(half, b.G.z_dim, generator=torch.Generator().manual_seed(1))
@@ -238,24 +251,31 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
                  gen["extractor"])
 
     # -- 2. reconstruction
-    w_enc = _encode(b.E, x)
-    rec_enc = _synth(b.G, w_enc)
-    m["reconstruction"] = {"encoder": _means(recon_metrics(rec_enc, x), n=len(x))}
-    _write_json(mpath, m)
+    m["reconstruction"] = {}
+    w_enc = rec_enc = None
+    if b.E is not None:
+        w_enc = _encode(b.E, x)
+        rec_enc = _synth(b.G, w_enc)
+        m["reconstruction"]["encoder"] = _means(recon_metrics(rec_enc, x), n=len(x))
+        _write_json(mpath, m)
     proj_idx = np.concatenate([np.flatnonzero(~lab)[:max(n_project, n_edit)],
                                np.flatnonzero(lab)[:n_project]]) if n_project > 0 else \
         np.zeros(0, np.int64)
     w_proj = None
     if len(proj_idx):
-        w_proj = _project(b.G, x[proj_idx], w_enc[proj_idx], rows[proj_idx], project_steps,
+        init = w_enc[proj_idx] if w_enc is not None else \
+            b.G.mapping.w_avg.detach().cpu().expand(len(proj_idx), -1)
+        w_proj = _project(b.G, x[proj_idx], init, rows[proj_idx], project_steps,
                           out / "projection.partial.npz", 16, progress)
         rec_proj = _synth(b.G, w_proj)
-        m["reconstruction"]["projection"] = _means(recon_metrics(rec_proj, x[proj_idx]),
-                                                   n=len(proj_idx), steps=project_steps)
+        m["reconstruction"]["projection"] = _means(
+            recon_metrics(rec_proj, x[proj_idx]), n=len(proj_idx), steps=project_steps,
+            init="encoder" if w_enc is not None else "mean w")
         k = min(8, len(proj_idx))
         pick = proj_idx[:k]
-        grid = torch.stack([x[pick], rec_enc[pick], rec_proj[:k]], 1).flatten(0, 1)
-        save_image_grid(grid, out / "reconstructions.png", nrow=3,
+        cols = [x[pick]] + ([rec_enc[pick]] if rec_enc is not None else []) + [rec_proj[:k]]
+        save_image_grid(torch.stack(cols, 1).flatten(0, 1), out / "reconstructions.png",
+                        nrow=len(cols),
                         provenance=provenance(gen_sha, "reconstructions (columns: real, "
                                                        "encoder, optimisation)"))
         m["figures"]["reconstructions"] = "reconstructions.png"
@@ -263,69 +283,52 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
 
     # -- 3. separability
     m["separability"] = {}
-    sep = separability(w_enc.numpy(), lab, shrinkage="auto")
-    histogram_figure(sep, out / "separability.png", title="LDA of encoder latents",
-                     class_names=("cardiomegaly", "healthy"))
-    m["figures"]["separability_histogram"] = "separability.png"
     scalars = lambda r: {k: v for k, v in r.items() if isinstance(v, (int, float))}  # noqa: E731
-    m["separability"]["encoder"] = {**scalars(sep), "n_pos": int(lab.sum()),
-                                    "n_neg": int((~lab).sum())}
+    spaces = []
+    if w_enc is not None:
+        spaces.append(("encoder", w_enc, lab))
     if w_proj is not None and lab[proj_idx].sum() >= 5 and (~lab[proj_idx]).sum() >= 5:
-        sp = separability(w_proj.numpy(), lab[proj_idx], shrinkage="auto")
-        m["separability"]["projection"] = {**scalars(sp), "n_pos": int(lab[proj_idx].sum()),
-                                           "n_neg": int((~lab[proj_idx]).sum())}
+        spaces.append(("projection", w_proj, lab[proj_idx]))
+    for i, (name, w_s, y_s) in enumerate(spaces):
+        sep = separability(w_s.numpy(), y_s, shrinkage="auto")
+        m["separability"][name] = {**scalars(sep), "n_pos": int(y_s.sum()),
+                                   "n_neg": int((~y_s).sum())}
+        if i == 0:
+            histogram_figure(sep, out / "separability.png", title=f"LDA of {name} latents",
+                             class_names=("cardiomegaly", "healthy"))
+            m["figures"]["separability_histogram"] = "separability.png"
     _write_json(mpath, m)
 
     # -- 4. directions
     names = list(b.directions)
-    m["directions"] = {"names": names,
-                       "cosine": [[cosine(b.directions[a][0], b.directions[c][0])
-                                   for c in names] for a in names],
-                       "files": {n: files.get(n) for n in names}}
+    if names:
+        m["directions"] = {"names": names,
+                           "cosine": [[cosine(b.directions[a][0], b.directions[c][0])
+                                       for c in names] for a in names],
+                           "files": {n: files.get(n) for n in names}}
 
     # -- 5. edits of healthy images (projected latents when available)
-    healthy = np.flatnonzero(~lab)[:n_edit]
-    if w_proj is not None:
-        pos = {int(i): j for j, i in enumerate(proj_idx)}
-        w_edit = torch.stack([w_proj[pos[int(i)]] for i in healthy])
+    if direction is None or b.segmenter is None or (w_proj is None and w_enc is None):
+        m["skipped"]["edit"] = "needs a direction, a segmenter and latents (encoder or projection)"
     else:
-        w_edit = w_enc[healthy]
-    v_np, v_info = b.directions[direction]
-    v = torch.from_numpy(v_np)
-    pool = w_proj if w_proj is not None else w_enc
-    sigma_v = float((pool.flatten(1) @ v.flatten()).std())
-    truth = None
-    if phantom:
-        meta = st.meta.iloc[rows[healthy]]
-        truth = {"subject_seed": meta["subject_seed"].to_numpy(),
-                 "cardiomegaly": meta["Cardiomegaly"].to_numpy() == 1,
-                 "device_probs": st.info.get("phantom", {}).get("device_probs", (0.05, 0.3))}
-    raw = [a * sigma_v for a in alphas]
-    sweep = edit_sweep(b.G, w_edit, v, raw, b.segmenter, b.classifier, truth=truth,
-                       keep_images=min(8, len(healthy)))
-    edit = summarize_sweep(sweep)
-    edit["alphas_raw"] = edit["alphas"]
-    edit["alphas"] = [a / sigma_v for a in edit["alphas_raw"]]
-    edit.update(direction=direction, direction_method=v_info.get("method"), sigma_v=sigma_v,
-                alpha_unit="sigma_v", latents="projection" if w_proj is not None else "encoder")
-    edit["compare"] = {}
-    for name, (v_other, _) in b.directions.items():  # the same sweep along every direction
-        if name == direction or v_other.shape != v_np.shape:
-            continue
-        vo = torch.from_numpy(v_other)
-        so = float((pool.flatten(1) @ vo.flatten()).std())
-        sm = summarize_sweep(edit_sweep(b.G, w_edit, vo, [a * so for a in alphas], b.segmenter))
-        edit["compare"][name] = {"pushed_past_0_5": sm["pushed_past_0_5"], "sigma_v": so,
-                                 "ctr_mean": sm["ctr_mean"],
-                                 "ssim_outside_heart": sm["ssim_outside_heart"]}
-    edit["lec"] = latent_editing_consistency(b.G, b.E, w_edit, v, max(raw))
-    edit["lec"]["alpha"] = max(alphas)
-    m["edit"] = edit
-    imgs = sweep["images"]
-    save_image_grid(imgs.flatten(0, 1), out / "edit_sweep.png", nrow=imgs.shape[1],
-                    provenance=edit_provenance("sweep", direction, float("nan"), gen_sha, v_info))
-    ctr_alpha_figure(edit, out / "ctr_vs_alpha.png")
-    m["figures"].update(edit_sweep="edit_sweep.png", ctr_vs_alpha="ctr_vs_alpha.png")
+        healthy = np.flatnonzero(~lab)[:n_edit]
+        if w_proj is not None:
+            pos = {int(i): j for j, i in enumerate(proj_idx)}
+            w_edit = torch.stack([w_proj[pos[int(i)]] for i in healthy])
+            pool = w_proj
+        else:
+            w_edit, pool = w_enc[healthy], w_enc
+        truth = None
+        if phantom:
+            meta = st.meta.iloc[rows[healthy]]
+            truth = {"subject_seed": meta["subject_seed"].to_numpy(),
+                     "cardiomegaly": meta["Cardiomegaly"].to_numpy() == 1,
+                     "device_probs": st.info.get("phantom", {}).get("device_probs",
+                                                                    (0.05, 0.3))}
+        m["edit"] = _edits(b, w_edit, pool, direction, alphas, truth, out, gen_sha)
+        m["edit"]["latents"] = "projection" if w_proj is not None else "encoder"
+        m["figures"].update(edit_sweep="edit_sweep.png", ctr_vs_alpha="ctr_vs_alpha.png")
+        ctr_alpha_figure(m["edit"], out / "ctr_vs_alpha.png")
 
     # -- 6. targets
     m["targets"] = []
@@ -339,3 +342,40 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike, weights: str | os.
     m["seconds"] = round(time.time() - t0, 1)
     _write_json(mpath, m)
     return m
+
+
+def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
+           alphas: tuple[float, ...], truth: dict | None, out: Path, gen_sha: str) -> dict:
+    """The "edit" section: sweep along `direction` (+ summaries along every other one)."""
+    from cxredit.latent.edit import edit_provenance
+    from cxredit.metrics.edit import edit_sweep, latent_editing_consistency, summarize_sweep
+    from cxredit.runs import save_image_grid
+
+    v_np, v_info = b.directions[direction]
+    v = torch.from_numpy(v_np)
+    sigma_v = float((pool.flatten(1) @ v.flatten()).std())
+    raw = [a * sigma_v for a in alphas]
+    sweep = edit_sweep(b.G, w_edit, v, raw, b.segmenter, b.classifier, truth=truth,
+                       keep_images=min(8, len(w_edit)))
+    edit = summarize_sweep(sweep)
+    edit["alphas_raw"] = edit["alphas"]
+    edit["alphas"] = [a / sigma_v for a in edit["alphas_raw"]]
+    edit.update(direction=direction, direction_method=v_info.get("method"), sigma_v=sigma_v,
+                alpha_unit="sigma_v")
+    edit["compare"] = {}
+    for name, (v_other, _) in b.directions.items():  # the same sweep along every direction
+        if name == direction or v_other.shape != v_np.shape:
+            continue
+        vo = torch.from_numpy(v_other)
+        so = float((pool.flatten(1) @ vo.flatten()).std())
+        sm = summarize_sweep(edit_sweep(b.G, w_edit, vo, [a * so for a in alphas], b.segmenter))
+        edit["compare"][name] = {"pushed_past_0_5": sm["pushed_past_0_5"], "sigma_v": so,
+                                 "ctr_mean": sm["ctr_mean"],
+                                 "ssim_outside_heart": sm["ssim_outside_heart"]}
+    if b.E is not None:
+        edit["lec"] = latent_editing_consistency(b.G, b.E, w_edit, v, max(raw))
+        edit["lec"]["alpha"] = max(alphas)
+    imgs = sweep["images"]
+    save_image_grid(imgs.flatten(0, 1), out / "edit_sweep.png", nrow=imgs.shape[1],
+                    provenance=edit_provenance("sweep", direction, float("nan"), gen_sha, v_info))
+    return edit

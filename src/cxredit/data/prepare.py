@@ -5,6 +5,11 @@ and stored as uint8. Work is split into chunks handed to worker processes; finis
 flushed to disk every few seconds, so a killed run loses at most the chunks in flight and the
 next run with the same arguments continues from there. A file that cannot be read is listed in
 `errors.csv` with its reason and skipped; it never stops the job.
+
+When the index has the mask columns of a folder labels CSV (`cxredit.data.sources.MASK_COLUMNS`),
+each row's three mask files get the image's crop and resize too and go to `masks.npy`; a row
+whose masks are blank, missing, unreadable or of another size than its image fails like an
+unreadable file.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from cxredit.data._workers import convert_chunk, render_chunk
+from cxredit.data._workers import MASK_LABELS, convert_chunk, render_chunk
 from cxredit.data.store import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -42,7 +47,9 @@ class PrepareResult:
     def summary(self) -> str:
         """One line for the CLI."""
         rate = self.images / self.seconds if self.seconds > 0 else float("nan")
-        return (f"{self.out}: {self.images} images, {self.errors} unreadable (see errors.csv)"
+        masks = " (+ masks)" if (self.out / "masks.npy").exists() else ""
+        return (f"{self.out}: {self.images} images{masks}, {self.errors} skipped "
+                f"(see errors.csv)"
                 f"{', resumed' if self.resumed else ''}; {self.seconds:.1f} s ({rate:.0f} img/s)")
 
 
@@ -59,7 +66,9 @@ def prepare_store(
     """Convert the files of an index DataFrame into a store (resumable).
 
     Args:
-        index: rows from an indexer of `cxredit.data.sources` (needs a `path` column).
+        index: rows from an indexer of `cxredit.data.sources` (needs a `path` column). With
+            the columns `mask_heart`, `mask_right_lung` and `mask_left_lung` (mask file paths,
+            see `cxredit.data.sources.index_folder`) the store also gets `masks.npy`.
         out: store folder.
         resolution: side R of the square output.
         workers: processes (1 = in this process).
@@ -79,14 +88,31 @@ def prepare_store(
     plan = index.head(limit) if limit is not None else index
     if len(plan) == 0:
         raise ValueError("nothing to prepare: the index is empty after filtering")
+    present = [c for c in MASK_LABELS if c in plan.columns]
+    if present and len(present) < len(MASK_LABELS):
+        raise ValueError(f"the index has mask column(s) {present} but lacks "
+                         f"{[c for c in MASK_LABELS if c not in present]}")
+    with_masks = bool(present)
     t0 = time.time()
-    full_info = {"preprocessing": {"crop": "center square (short side)",
-                                   "resize": "antialiased (Pillow LANCZOS)", "dtype": "uint8",
-                                   "convention": "MONOCHROME2 (lungs dark)"},
-                 **(info or {})}
-    writer = StoreWriter(out, plan, resolution, info=full_info)
+    preprocessing = {"crop": "center square (short side)",
+                     "resize": "antialiased (Pillow LANCZOS)", "dtype": "uint8",
+                     "convention": "MONOCHROME2 (lungs dark)"}
+    if with_masks:
+        preprocessing["masks"] = ("same crop; area (BOX) resize, bilinear when enlarging; "
+                                  "inside where >= 0.5; from the index's mask_* files")
+    full_info = {"preprocessing": preprocessing, **(info or {})}
+    writer = StoreWriter(out, plan, resolution, info=full_info, with_masks=with_masks)
     todo = writer.todo
     paths = writer.plan["path"].astype(str).to_numpy()
+    mask_paths = None
+    if with_masks:
+        cells = writer.plan[list(MASK_LABELS)].fillna("").astype(str).to_numpy()
+        mask_paths = [tuple(str(v).strip() for v in r) for r in cells]
+
+    def job(rows: list[int]) -> tuple:
+        """convert_chunk's arguments for `rows` (plain lists: they travel to workers)."""
+        return (rows, [paths[r] for r in rows], resolution,
+                None if mask_paths is None else [mask_paths[r] for r in rows])
     chunks = [todo[s:s + CHUNK].tolist() for s in range(0, len(todo), CHUNK)]
     bar = tqdm(total=len(plan), initial=len(plan) - len(todo), unit="img", disable=not progress,
                desc=f"prepare {Path(out).name}")
@@ -95,11 +121,11 @@ def prepare_store(
 
     def consume(results: list[tuple]) -> None:
         nonlocal last_flush
-        for row, img, reason in results:
+        for row, img, masks, reason in results:
             if img is None:
                 writer.fail(row, paths[row], reason)
             else:
-                writer.put(row, img)
+                writer.put(row, img, masks)
         bar.update(len(results))
         bar.set_postfix(errors=len(writer.errors))
         if time.time() - last_flush > FLUSH_SECONDS:
@@ -109,7 +135,7 @@ def prepare_store(
     try:
         if workers <= 1:
             for rows in chunks:
-                consume(convert_chunk(rows, [paths[r] for r in rows], resolution))
+                consume(convert_chunk(*job(rows)))
                 done_chunks += 1
                 if stop_after is not None and done_chunks >= stop_after:
                     writer.flush()
@@ -122,8 +148,7 @@ def prepare_store(
                 pending: set[Future] = set()
                 it = iter(chunks)
                 for rows in it:
-                    pending.add(pool.submit(convert_chunk, rows, [paths[r] for r in rows],
-                                            resolution))
+                    pending.add(pool.submit(convert_chunk, *job(rows)))
                     if len(pending) >= 4 * workers:
                         break
                 while pending:
@@ -132,8 +157,7 @@ def prepare_store(
                         consume(fut.result())
                         nxt = next(it, None)
                         if nxt is not None:
-                            pending.add(pool.submit(convert_chunk, nxt,
-                                                    [paths[r] for r in nxt], resolution))
+                            pending.add(pool.submit(convert_chunk, *job(nxt)))
     finally:
         writer.flush()
         bar.close()

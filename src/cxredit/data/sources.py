@@ -376,6 +376,9 @@ def _nih_split(root: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------- folder
 
 _KEY_COLUMNS = ("file", "filename", "path")
+# Mask-file columns of a labels CSV, in the channel order of masks.npy
+# (cxredit.data.phantom.MASK_NAMES: heart, right lung, left lung; not imported, it pulls scipy).
+MASK_COLUMNS: tuple[str, ...] = ("mask_heart", "mask_right_lung", "mask_left_lung")
 _ALIASES = {  # canonical spellings (see _canonical) of schema fields in a labels CSV
     "patient id": "patient_id", "patientid": "patient_id", "patient": "patient_id",
     "subject id": "patient_id", "study id": "study_id", "studyid": "study_id",
@@ -407,7 +410,22 @@ def index_folder(
             exactly. Observation columns are recognised ignoring case, ``_`` and ``-``
             (``pleural_effusion`` -> ``Pleural Effusion``) and must hold 1/0/-1/blank;
             ``patient_id``, ``study_id``, ``view``, ``sex`` (or ``gender``) and
-            ``age`` fill the schema; any other column is kept as an extra.
+            ``age`` fill the schema; ``mask_heart``, ``mask_right_lung`` and
+            ``mask_left_lung`` name mask files (see below); any other column is kept
+            as an extra.
+
+    Masks: the three mask columns (spelled as above, case, ``_`` and ``-`` ignored) must
+    come together. Each cell names an image file of the same pixel size as its X-ray
+    (PNG, GIF, BMP, ...; any bit depth; nonzero = inside), relative to the CSV's folder
+    or absolute; the index holds them as absolute paths, ``""`` where blank. Mask files
+    that lie under ``root`` are not indexed as X-rays. ``mask_right_lung`` is the
+    *patient's* right lung, which is on the image's left in a PA film: the naming of the
+    SCR database (van Ginneken et al., MedIA 2006, masks for JSRT). SCR's masks are
+    1024x1024 for the 2048x2048 JSRT images: resize one to match the other first.
+    :func:`cxredit.data.prepare.prepare_store` then also writes ``masks.npy`` (in
+    :data:`MASK_COLUMNS` order); a row with a blank, missing, unreadable or wrongly
+    sized mask is skipped and listed in ``errors.csv``, since a segmenter cannot learn
+    from a partly annotated image.
 
     Returns:
         SCHEMA columns plus the CSV's extra columns.
@@ -469,15 +487,48 @@ def _join_labels(df: pd.DataFrame, root: Path, csv: Path) -> pd.DataFrame:
     matched = labels[rows >= 0].drop(columns=[key])
     matched.index = rows[rows >= 0]
     obs = {_canonical(o): o for o in OBSERVATIONS}
+    masks = {_canonical(m): m for m in MASK_COLUMNS}
+    csv_dir = Path(os.path.abspath(csv)).parent
     for col in matched.columns:
         canon, values = _canonical(col), matched[col]
         if canon in obs:
             _set_column(df, obs[canon], _label_values(values, col, csv))
         elif canon in _ALIASES:
             _set_column(df, _ALIASES[canon], _field_values(_ALIASES[canon], values))
+        elif canon in masks:
+            _set_column(df, masks[canon], _mask_paths(values, csv_dir))
         else:
             _set_column(df, col, _maybe_numeric(values))
-    return df
+    return _split_off_masks(df, csv)
+
+
+def _mask_paths(values: pd.Series, base: Path) -> pd.Series:
+    """Absolute, normalised mask paths (relative ones are under ``base``); blank -> NaN."""
+    def resolve(v: str) -> object:
+        if not v:
+            return np.nan
+        return os.path.normpath(os.path.join(base, os.path.expanduser(v.replace("\\", "/"))))
+
+    return _norm(values, resolve)
+
+
+def _split_off_masks(df: pd.DataFrame, csv: Path) -> pd.DataFrame:
+    """Check the mask columns come as a set, and drop mask files from the X-ray list."""
+    present = [c for c in MASK_COLUMNS if c in df]
+    if not present:
+        return df
+    if len(present) < len(MASK_COLUMNS):
+        raise ValueError(f"folder labels: {csv} has mask column(s) {present} but lacks "
+                         f"{[c for c in MASK_COLUMNS if c not in df]}; the three mask columns "
+                         f"{list(MASK_COLUMNS)} come together")
+    for col in MASK_COLUMNS:
+        df[col] = df[col].fillna("").astype(str)
+    mask_files = set(df[list(MASK_COLUMNS)].to_numpy().ravel()) - {""}
+    is_mask = df["path"].isin(mask_files)
+    if is_mask.any():
+        log.info("folder: %d mask files under the root are not indexed as X-rays",
+                 int(is_mask.sum()))
+    return df[~is_mask]
 
 
 def _set_column(df: pd.DataFrame, name: str, values: pd.Series) -> None:

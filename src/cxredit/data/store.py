@@ -3,7 +3,8 @@
 A store is a folder::
 
     images.npy   uint8 [N, R, R]       opened as a read-only memmap (no copy in RAM)
-    masks.npy    uint8 [N, 3, R, R]    optional (phantoms: heart, right lung, left lung)
+    masks.npy    uint8 [N, 3, R, R]    optional, 0/1 heart, right lung, left lung (phantoms, or a
+                                       folder source whose labels CSV names mask files)
     meta.csv     one row per image: the dataset schema of `cxredit.data.sources` + `index`, `split`
     store.json   format version, resolution, counts, preprocessing, source, creation time
     errors.csv   files that could not be read during preparation (path, reason)

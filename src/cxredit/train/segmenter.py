@@ -72,7 +72,8 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch
 def _require_masks(store: ImageStore) -> None:
     if store.masks is None:
         raise ValueError(f"{store.root}: this store has no masks.npy; the segmenter needs "
-                         "masks (make a store with `cxredit phantoms`)")
+                         "masks (make one with `cxredit phantoms`, or `cxredit prepare folder` "
+                         "with mask_heart/mask_right_lung/mask_left_lung columns in --labels-csv)")
 
 
 class SegmenterTrainer(Trainer):
