@@ -83,3 +83,20 @@ def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     assert main(["export-bundle", "--out", str(tmp_path / "w2"), "--gan",
                  str(tmp_path / "runs" / "gan"), "--direction", "bad"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
+
+
+def test_bundle_python_api_reads_encodes_edits_and_measures(tiny_bundle, tmp_path):
+    from cxredit.data.io import write_png
+
+    b = load_bundle(tiny_bundle)
+    img = np.linspace(0, 1, 40 * 30, dtype=np.float32).reshape(40, 30)
+    write_png(tmp_path / "x.png", img)
+    x = b.read(tmp_path / "x.png")
+    assert x.shape == (1, 1, 16, 16) and -1 <= float(x.min()) <= float(x.max()) <= 1
+    w = b.encode(x)
+    assert w.shape == (1, b.G.w_dim)
+    np.testing.assert_array_equal(b.edit(w, "pair", 0.0).numpy(), b.synthesize(w).numpy())
+    assert not torch.equal(b.edit(w, "pair", 3.0), b.synthesize(w))
+    assert b.ctr(b.synthesize(w)).shape == (1,)
+    with pytest.raises(BundleError, match="no direction 'x'"):
+        b.edit(w, "x", 1.0)

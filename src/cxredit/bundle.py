@@ -94,6 +94,49 @@ class Bundle:
         """Checkpoint path (no suffix) of a component, for the path-taking APIs."""
         return self.root / self.manifest["components"][component]["file"]
 
+    # -- the few calls an editing script needs (all under no_grad, on the models' device)
+    @property
+    def device(self) -> torch.device:
+        return next(self.G.parameters()).device
+
+    def read(self, path: str | os.PathLike) -> torch.Tensor:
+        """An X-ray file (PNG/JPEG/DICOM) as [1,1,R,R] in [-1,1] at the bundle's resolution."""
+        from cxredit.data.store import load_image_files
+
+        return load_image_files([str(path)], self.resolution)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """E's latents of images [N,1,R,R] in [-1,1] -> w [N, w_dim] (or W+)."""
+        if self.E is None:
+            raise BundleError(f"{self.root}: the bundle has no encoder")
+        return self.E(images.to(self.device))
+
+    @torch.no_grad()
+    def synthesize(self, w: torch.Tensor) -> torch.Tensor:
+        """G(w) with constant noise, clamped to [-1,1]: [N,1,R,R]."""
+        return self.G.synthesis(w.to(self.device), noise_mode="const").clamp(-1, 1)
+
+    def edit(self, w: torch.Tensor, direction: str, alpha: float) -> torch.Tensor:
+        """G(w + alpha v) for a named direction of the bundle: [N,1,R,R] in [-1,1]."""
+        from cxredit.latent.edit import apply_direction
+
+        if direction not in self.directions:
+            raise BundleError(f"{self.root}: no direction {direction!r}; there are "
+                              f"{', '.join(self.directions) or 'none'}")
+        v = torch.from_numpy(self.directions[direction][0]).to(self.device)
+        return self.synthesize(apply_direction(w.to(self.device), v, alpha, self.G.num_ws))
+
+    @torch.no_grad()
+    def ctr(self, images: torch.Tensor) -> np.ndarray:
+        """Cardiothoracic ratio of images [N,1,R,R] from the segmenter's masks (NaN: none)."""
+        from cxredit.metrics.ctr import ctr
+        from cxredit.train.segmenter import predict_masks
+
+        if self.segmenter is None:
+            raise BundleError(f"{self.root}: the bundle has no segmenter")
+        return np.atleast_1d(ctr(predict_masks(self.segmenter, images))["ctr"])
+
 
 def _to_half(state: Any) -> Any:
     """fp32 tensors -> fp16 where the values fit fp16's range (nested dicts/lists)."""

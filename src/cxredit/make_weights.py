@@ -33,12 +33,15 @@ TRAIN_SEED = 1  # phantom seed of the training store
 DIRECTION_SEED = 700  # phantom seed of the images I behind the pair directions
 
 RECIPES = {
-    # 64 px CPU recipe of the shipped weights.
+    # 64 px CPU recipe of the shipped weights. The encoder uses the width-32 "tiny" ResNet-10
+    # trunk instead of the demo64 preset's ResNet-18: on 2 CPU cores it trains ~3x faster
+    # (110 vs 312 s/kimg on one core) and its fp16 weights take ~3 MB instead of ~24 MB.
     "demo64": dict(n_train=10000, gan_kimg=200.0, encoder_kimg=60.0, segmenter_kimg=20.0,
-                   classifier_kimg=20.0, lda_images=2000),
+                   classifier_kimg=20.0, lda_images=2000,
+                   encoder_overrides={"trunk": "tiny", "tiny_width": 32}),
     # Seconds on CPU: for tests and smoke runs (weights only good for plumbing checks).
     "tiny": dict(n_train=128, gan_kimg=0.032, encoder_kimg=0.032, segmenter_kimg=0.064,
-                 classifier_kimg=0.064, lda_images=128),
+                 classifier_kimg=0.064, lda_images=128, encoder_overrides={}),
 }
 
 
@@ -119,7 +122,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         device: torch device (None: cuda when available).
         progress: tqdm bars.
         **lengths: override recipe entries (n_train, gan_kimg, encoder_kimg, segmenter_kimg,
-            classifier_kimg, lda_images).
+            classifier_kimg, lda_images, encoder_overrides).
 
     Returns:
         Path of the bundle's `bundle.json`.
@@ -160,7 +163,8 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         gan, gcfg.replace(snap_kimg=min(gcfg.snap_kimg, r["gan_kimg"])), r["gan_kimg"])
     ecfg = encoder_train_preset(preset)
     stage("encoder", lambda run, cfg, res, k: train_encoder(
-        gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k),
+        gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k,
+        encoder_overrides=r["encoder_overrides"]),
         work / "encoder", ecfg.replace(snap_kimg=min(ecfg.snap_kimg, r["encoder_kimg"])),
         r["encoder_kimg"])
     scfg = SegmenterTrainConfig()
