@@ -90,22 +90,27 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
     E, _ = load_encoder(encoder, device)
     gan_ck = find_checkpoint(gan)
     gen = {"path": str(gan_ck), "sha256": checkpoint_sha256(gan_ck)}
-    I, Istar = pair_images(16, E.resolution)
-    wI, wS = encode(E, I), encode(E, Istar)
-    paths = {}
-    for name, k in (("pair", 1), ("pair16", 16)):
-        paths[name] = save_direction(
-            out / f"{name}.npz", pair_direction(wI[:k], wS[:k]),
-            {"method": "pair", "generator": gen, "latents_from": "encoder",
-             "inputs": {"phantom_seed": DIRECTION_SEED, "pairs": k, "warp_scale": 1.3}})
     st = ImageStore(store)
     lab = st.meta["Cardiomegaly"].to_numpy(float)
     rows = np.flatnonzero(np.isin(lab, (0, 1)))[:lda_images]
     w = encode(E, st.tensor(rows))
-    paths["lda"] = save_direction(
-        out / "lda.npz", lda_direction(w, lab[rows].astype(int), shrinkage="auto"),
-        {"method": "lda", "generator": gen, "latents_from": "encoder",
-         "inputs": {"store": str(store), "images": int(len(rows))}})
+    I, Istar = pair_images(16, E.resolution)
+    wI, wS = encode(E, I), encode(E, Istar)
+    vs = {"pair": (pair_direction(wI[:1], wS[:1]),
+                   {"method": "pair", "inputs": {"phantom_seed": DIRECTION_SEED, "pairs": 1,
+                                                 "warp_scale": 1.3}}),
+          "pair16": (pair_direction(wI, wS),
+                     {"method": "pair", "inputs": {"phantom_seed": DIRECTION_SEED, "pairs": 16,
+                                                   "warp_scale": 1.3}}),
+          "lda": (lda_direction(w, lab[rows].astype(int), shrinkage="auto"),
+                  {"method": "lda", "inputs": {"store": str(store), "images": int(len(rows))}})}
+    paths = {}
+    for name, (v, info) in vs.items():
+        # sigma: std of the training latents along v, a natural unit for edit strengths
+        sigma = float((w.reshape(len(w), -1) @ v.reshape(-1)).std())
+        paths[name] = save_direction(out / f"{name}.npz", v,
+                                     {**info, "generator": gen, "latents_from": "encoder",
+                                      "sigma": sigma})
     return {k: str(v) for k, v in paths.items()}
 
 
