@@ -23,14 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxredit.checkpoint import load_checkpoint
 from cxredit.config import DictConfig
 from cxredit.data.store import ImageStore
 from cxredit.models.classifier import ARCHS, Classifier, ClassifierConfig
-from cxredit.runs import Run, find_checkpoint, save_image_grid
+from cxredit.runs import Run, save_image_grid
 from cxredit.train import distributed as dist
 from cxredit.train.augment import AugmentPipe
-from cxredit.train.loop import Trainer
+from cxredit.train.loop import Trainer, load_net
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +246,7 @@ def predict_proba(clf: Classifier, images, batch: int = 64) -> np.ndarray:
 
 def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Classifier:
     """Rebuild the classifier (eval mode, no grad) from a checkpoint or run folder."""
-    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device,
-                         keys=["net_config", "net"])
-    net = Classifier.from_config(st["net_config"])
-    net.load_state_dict(st["net"])
-    return net.to(device).eval().requires_grad_(False)
+    return load_net(path, CKPT_KIND, Classifier, device)
 
 
 def train_classifier(data: str | Path, out: str | Path, cfg: ClassifierTrainConfig | None = None,

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cxredit.checkpoint import load_checkpoint, save_checkpoint
 from cxredit.data.store import ImageStore
-from cxredit.runs import Run
+from cxredit.runs import Run, find_checkpoint
 from cxredit.train import distributed as dist
 
 log = logging.getLogger(__name__)
@@ -227,3 +227,13 @@ class Trainer:
             self.run.prune(self.cfg.keep_checkpoints, self._kept_steps())
         dist.barrier()
         return path
+
+
+def load_net(path, kind: str, cls, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Rebuild a single-network model (`net_config` + `net` entries) from a checkpoint or run
+    folder, in eval mode without gradients; only those two entries are read."""
+    st = load_checkpoint(find_checkpoint(path), kind=kind, map_location=device,
+                         keys=["net_config", "net"])
+    net = cls.from_config(st["net_config"])
+    net.load_state_dict(st["net"])
+    return net.to(device).eval().requires_grad_(False)

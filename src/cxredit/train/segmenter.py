@@ -16,15 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxredit.checkpoint import load_checkpoint
 from cxredit.config import DictConfig
 from cxredit.data.phantom import MASK_NAMES
 from cxredit.data.store import ImageStore
 from cxredit.metrics.ctr import dice
 from cxredit.models.segmenter import Segmenter, SegmenterConfig
-from cxredit.runs import Run, find_checkpoint, save_image_grid
+from cxredit.runs import Run, save_image_grid
 from cxredit.train import distributed as dist
-from cxredit.train.loop import Trainer
+from cxredit.train.loop import Trainer, load_net
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +183,7 @@ def predict_masks(segmenter: Segmenter, images, batch: int = 64,
 
 def load_segmenter(path: str | Path, device: torch.device | str = "cpu") -> Segmenter:
     """Rebuild the segmenter (eval mode, no grad) from a checkpoint or run folder."""
-    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device,
-                         keys=["net_config", "net"])
-    net = Segmenter.from_config(st["net_config"])
-    net.load_state_dict(st["net"])
-    return net.to(device).eval().requires_grad_(False)
+    return load_net(path, CKPT_KIND, Segmenter, device)
 
 
 def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig | None = None,
