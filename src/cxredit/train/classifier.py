@@ -160,11 +160,7 @@ class ClassifierTrainer(Trainer):
 
         The same rows `Trainer.real_batch` would draw (its epoch permutation), with classes.
         """
-        per_epoch = len(self.rows) // self.cfg.batch
-        epoch, j = divmod(self.step, per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
-        idx = self.rows[perm[j * self.cfg.batch:(j + 1) * self.cfg.batch]]
-        idx = np.sort(idx[self.rank::self.world])  # sorted: memmap-friendly, order-free loss
+        idx = np.sort(self.batch_rows())  # sorted: memmap-friendly, order-free loss
         x = self.store.tensor(idx).to(self.device, non_blocking=True)
         return x, torch.from_numpy(self.y[idx]).to(self.device, non_blocking=True)
 

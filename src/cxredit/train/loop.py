@@ -111,14 +111,18 @@ class Trainer:
         g.manual_seed(seed % (2**63))
         return g
 
-    def real_batch(self) -> torch.Tensor:
-        """This rank's share of the global batch of step `self.step`: [B_rank,1,R,R]."""
+    def batch_rows(self) -> np.ndarray:
+        """Store rows of this rank's share of step `self.step`'s global batch (the epoch
+        permutation is seeded by (seed, epoch), so a resumed run draws the same rows)."""
         per_epoch = len(self.rows) // self.cfg.batch
         epoch, j = divmod(self.step, per_epoch)
         perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.rows))
         idx = self.rows[perm[j * self.cfg.batch:(j + 1) * self.cfg.batch]]
-        idx = idx[self.rank::self.world]
-        return self.store.tensor(idx).to(self.device, non_blocking=True)
+        return idx[self.rank::self.world]
+
+    def real_batch(self) -> torch.Tensor:
+        """This rank's share of the global batch of step `self.step`: [B_rank,1,R,R]."""
+        return self.store.tensor(self.batch_rows()).to(self.device, non_blocking=True)
 
     def accumulate(self, name: str, value: torch.Tensor) -> None:
         """Add a scalar to the running mean logged at the next tick (no host sync)."""
