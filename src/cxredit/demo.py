@@ -5,7 +5,8 @@
 2. Finds the disease direction the paper's way: one healthy test image I, a copy I* whose
    heart the segmenter's box and `enlarge-heart` widen by 30 %, v = normalize(E(I*) - E(I)).
 3. Runs `cxredit evaluate` with the bundle: encoder inversion of every image, optimisation
-   started from the encoder for a subset, LDA separability (in-sample and cross-validated),
+   started from the encoder for a subset (in W+ by default: one w per layer), LDA
+   separability of the encoder's latents (in-sample and cross-validated),
    the cosines between v and the bundle's directions (its LDA direction among them), edits of
    16 healthy images along v with an alpha sweep, CTR by the segmenter, identity outside the
    heart, and the SSIM to each subject's true counterfactual.
@@ -64,7 +65,7 @@ def paper_direction(bundle, image: np.ndarray, out: Path) -> tuple[np.ndarray, d
 def run_demo(out: str | Path = "runs/demo", weights: str | Path = "weights/demo",
              n_healthy: int = 100, n_cardio: int = 250, n_project: int = 32,
              project_steps: int = 100, n_edit: int = 16, device: str | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, project_space: str = "w+") -> dict:
     """Run the demo into `out` and return its metrics (see module doc)."""
     from cxredit.bundle import load_bundle, read_manifest
     from cxredit.data.prepare import make_phantom_store
@@ -93,8 +94,9 @@ def run_demo(out: str | Path = "runs/demo", weights: str | Path = "weights/demo"
     v, info = paper_direction(bundle, st.images[first_healthy].astype(np.float32) / 255, out)
     m = evaluate(out, test_dir, weights, n_project=n_project, project_steps=project_steps,
                  n_edit=n_edit, direction="pair_demo", device=device, progress=progress,
-                 command=["cxredit", "demo", "--out", str(out), "--weights", str(weights)],
-                 extra_directions={"pair_demo": (v, info)})
+                 command=["cxredit", "demo", "--out", str(out), "--weights", str(weights),
+                          "--project-space", project_space],
+                 extra_directions={"pair_demo": (v, info)}, project_space=project_space)
     report = write_report(out)
     m["demo_seconds"] = round(time.time() - t0, 1)
     (out / "demo.json").write_text(json.dumps({"seconds": m["demo_seconds"],
@@ -121,8 +123,10 @@ def print_summary(m: dict, out: Path) -> None:
         g = m["generation"]
         print(f"  generation         FID {_fmt(g['fid'], '.2f')} (real vs real "
               f"{_fmt(g['baseline_fid'], '.2f')}), {g['extractor']} features")
+    pr = r.get("projection", {})
+    how = f" ({pr['space'].upper()}, {pr['steps']} steps)" if "space" in pr else ""
     print(f"  reconstruction     SSIM encoder {_fmt(r.get('encoder', {}).get('ssim'))}, "
-          f"projection {_fmt(r.get('projection', {}).get('ssim'))}")
+          f"projection {_fmt(pr.get('ssim'))}{how}")
     print(f"  separability       {_fmt(sep.get('separation'), '.2f')} in-sample, "
           f"{_fmt(sep.get('separation_cv'), '.2f')} cross-validated (paper: 4.8), "
           f"AUC {_fmt(sep.get('auc'))}")

@@ -98,8 +98,13 @@ def _synth(G, w: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: int,
-             partial: Path, batch: int, progress: bool) -> torch.Tensor:
-    """Projected latents of `x` (resumed from `partial`: finished batches are kept)."""
+             partial: Path, batch: int, progress: bool, space: str = "w",
+             noise: float = 0.05) -> torch.Tensor:
+    """Projected latents of `x` (resumed from `partial`: finished batches are kept).
+
+    `space` "w" gives [N, w_dim], "w+" [N, num_ws, w_dim]; `noise` is the projection's
+    initial latent-noise factor. A partial file made with other settings is ignored.
+    """
     from tqdm.auto import tqdm
 
     from cxredit.latent.project import project_images
@@ -107,19 +112,23 @@ def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: in
     done: dict[int, np.ndarray] = {}
     if partial.exists():
         with np.load(partial) as z:
-            if int(z["steps"]) == steps:
+            same = (int(z["steps"]) == steps and str(z.get("space", "w")) == space
+                    and float(z.get("noise", 0.05)) == noise)
+            if same:
                 done = dict(zip(z["rows"].tolist(), z["w"]))
     dev = next(G.parameters()).device
     todo = [i for i, r in enumerate(rows) if int(r) not in done]
     for s in tqdm(range(0, len(todo), batch), disable=not progress, desc="project",
                   unit="batch"):
         idx = todo[s:s + batch]
-        out = project_images(G, x[idx].to(dev), init=init[idx].to(dev), steps=steps,
+        out = project_images(G, x[idx].to(dev), space=space, init=init[idx].to(dev),
+                             steps=steps, initial_noise_factor=noise,
                              seeds=[int(rows[i]) for i in idx])
         done.update({int(rows[i]): w for i, w in zip(idx, out["w"].cpu().numpy())})
         keys = sorted(done)
         tmp = partial.with_name(partial.stem + ".tmp.npz")
-        np.savez(tmp, rows=np.asarray(keys), w=np.stack([done[k] for k in keys]), steps=steps)
+        np.savez(tmp, rows=np.asarray(keys), w=np.stack([done[k] for k in keys]), steps=steps,
+                 space=space, noise=noise)
         os.replace(tmp, partial)
     return torch.from_numpy(np.stack([done[int(r)] for r in rows]))
 
@@ -132,7 +141,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
              alphas: tuple[float, ...] = DEFAULT_ALPHAS, device: str | None = None,
              progress: bool = True, command: str | list[str] | None = None,
              extra_directions: dict[str, tuple[np.ndarray, dict]] | None = None,
-             metrics_name: str = "metrics.json") -> dict:
+             metrics_name: str = "metrics.json", project_space: str = "w") -> dict:
     """Evaluate a bundle on a labelled store; the API of `cxredit evaluate`.
 
     Every stage whose models are present runs: without an encoder, projection starts from
@@ -149,6 +158,11 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
         n_fid: at most this many real and generated images for FID/KID (0: skip).
         n_project: images per class projected by optimisation (0: skip).
         project_steps: optimisation steps per image.
+        project_space: "w" (the paper's latents) or "w+" (one w per layer: closer
+            reconstructions; separability then uses each image's mean over layers, and the
+            edit adds the direction to every layer). A projection started from the encoder
+            adds no latent noise (it refines a good start); from mean w it explores with the
+            default noise.
         n_edit: healthy images edited.
         direction: direction to edit along (None: "pair" if present, else the first).
         alphas: edit strengths in units of sigma_v (see module doc).
@@ -194,6 +208,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
         raise ValueError(f"{data}: store is {st.resolution} px, the generator {b.resolution} px")
     if "Cardiomegaly" not in st.meta.columns:
         raise ValueError(f"{data}: the store has no Cardiomegaly column")
+    if project_space not in ("w", "w+"):
+        raise ValueError(f"project_space must be 'w' or 'w+', got {project_space!r}")
     rows = st.select(split, query)[:limit]
     lab = st.meta["Cardiomegaly"].to_numpy(float)[rows]
     rows, lab = rows[np.isin(lab, (0, 1))], lab[np.isin(lab, (0, 1))].astype(bool)
@@ -265,12 +281,14 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     if len(proj_idx):
         init = w_enc[proj_idx] if w_enc is not None else \
             b.G.mapping.w_avg.detach().cpu().expand(len(proj_idx), -1)
+        noise = 0.0 if w_enc is not None else 0.05
         w_proj = _project(b.G, x[proj_idx], init, rows[proj_idx], project_steps,
-                          out / "projection.partial.npz", 16, progress)
+                          out / "projection.partial.npz", 16, progress, project_space, noise)
         rec_proj = _synth(b.G, w_proj)
         m["reconstruction"]["projection"] = _means(
             recon_metrics(rec_proj, x[proj_idx]), n=len(proj_idx), steps=project_steps,
-            init="encoder" if w_enc is not None else "mean w")
+            init="encoder" if w_enc is not None else "mean w", space=project_space,
+            latent_noise=noise)
         k = min(8, len(proj_idx))
         pick = proj_idx[:k]
         cols = [x[pick]] + ([rec_enc[pick]] if rec_enc is not None else []) + [rec_proj[:k]]
@@ -290,9 +308,11 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     if w_proj is not None and lab[proj_idx].sum() >= 5 and (~lab[proj_idx]).sum() >= 5:
         spaces.append(("projection", w_proj, lab[proj_idx]))
     for i, (name, w_s, y_s) in enumerate(spaces):
-        sep = separability(w_s.numpy(), y_s, shrinkage="auto")
+        w2 = w_s.mean(1) if w_s.ndim == 3 else w_s  # W+: each image's mean over layers
+        sep = separability(w2.numpy(), y_s, shrinkage="auto")
         m["separability"][name] = {**scalars(sep), "n_pos": int(y_s.sum()),
-                                   "n_neg": int((~y_s).sum())}
+                                   "n_neg": int((~y_s).sum()),
+                                   "latent": "W+ mean over layers" if w_s.ndim == 3 else "W"}
         if i == 0:
             histogram_figure(sep, out / "separability.png", title=f"LDA of {name} latents",
                              class_names=("cardiomegaly", "healthy"))
@@ -325,7 +345,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
                      "cardiomegaly": meta["Cardiomegaly"].to_numpy() == 1,
                      "device_probs": st.info.get("phantom", {}).get("device_probs",
                                                                     (0.05, 0.3))}
-        m["edit"] = _edits(b, w_edit, pool, direction, alphas, truth, out, gen_sha)
+        w_lec = w_enc[healthy] if w_enc is not None else None
+        m["edit"] = _edits(b, w_edit, pool, direction, alphas, truth, out, gen_sha, w_lec)
         m["edit"]["latents"] = "projection" if w_proj is not None else "encoder"
         m["figures"].update(edit_sweep="edit_sweep.png", ctr_vs_alpha="ctr_vs_alpha.png")
         ctr_alpha_figure(m["edit"], out / "ctr_vs_alpha.png")
@@ -344,16 +365,28 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     return m
 
 
+def _sigma(pool: torch.Tensor, v: torch.Tensor) -> float:
+    """Std of the latents `pool` along unit `v` (a W+ pool against a W direction: layer means)."""
+    if pool.ndim == 3 and v.ndim == 1:
+        pool = pool.mean(1)
+    return float((pool.flatten(1) @ v.flatten()).std())
+
+
 def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
-           alphas: tuple[float, ...], truth: dict | None, out: Path, gen_sha: str) -> dict:
-    """The "edit" section: sweep along `direction` (+ summaries along every other one)."""
+           alphas: tuple[float, ...], truth: dict | None, out: Path, gen_sha: str,
+           w_lec: torch.Tensor | None = None) -> dict:
+    """The "edit" section: sweep along `direction` (+ summaries along every other one).
+
+    LEC re-encodes edits, so it starts from the encoder's latents `w_lec` of the same images
+    (None: `w_edit`).
+    """
     from cxredit.latent.edit import edit_provenance
     from cxredit.metrics.edit import edit_sweep, latent_editing_consistency, summarize_sweep
     from cxredit.runs import save_image_grid
 
     v_np, v_info = b.directions[direction]
     v = torch.from_numpy(v_np)
-    sigma_v = float((pool.flatten(1) @ v.flatten()).std())
+    sigma_v = _sigma(pool, v)
     raw = [a * sigma_v for a in alphas]
     sweep = edit_sweep(b.G, w_edit, v, raw, b.segmenter, b.classifier, truth=truth,
                        keep_images=min(8, len(w_edit)))
@@ -367,13 +400,14 @@ def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
         if name == direction or v_other.shape != v_np.shape:
             continue
         vo = torch.from_numpy(v_other)
-        so = float((pool.flatten(1) @ vo.flatten()).std())
+        so = _sigma(pool, vo)
         sm = summarize_sweep(edit_sweep(b.G, w_edit, vo, [a * so for a in alphas], b.segmenter))
         edit["compare"][name] = {"pushed_past_0_5": sm["pushed_past_0_5"], "sigma_v": so,
                                  "ctr_mean": sm["ctr_mean"],
                                  "ssim_outside_heart": sm["ssim_outside_heart"]}
     if b.E is not None:
-        edit["lec"] = latent_editing_consistency(b.G, b.E, w_edit, v, max(raw))
+        edit["lec"] = latent_editing_consistency(b.G, b.E, w_edit if w_lec is None else w_lec,
+                                                 v, max(raw))
         edit["lec"]["alpha"] = max(alphas)
     imgs = sweep["images"]
     save_image_grid(imgs.flatten(0, 1), out / "edit_sweep.png", nrow=imgs.shape[1],

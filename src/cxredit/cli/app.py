@@ -48,6 +48,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-project", type=int, default=32,
                    help="images per class refined by optimisation")
     p.add_argument("--project-steps", type=int, default=100, help="optimisation steps")
+    p.add_argument("--project-space", choices=("w", "w+"), default="w+",
+                   help="projection latents: w+ (one w per layer) or w (the paper's)")
     p.add_argument("--n-edit", type=int, default=16, help="healthy images edited")
     _add_runtime(p)
 
@@ -58,7 +60,8 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     from cxredit.demo import print_summary, run_demo
 
     m = run_demo(args.out, args.weights, args.n_healthy, args.n_cardio, args.n_project,
-                 args.project_steps, args.n_edit, args.device, progress=not args.no_progress)
+                 args.project_steps, args.n_edit, args.device, progress=not args.no_progress,
+                 project_space=args.project_space)
     print_summary(m, Path(args.out))
     return 0
 

@@ -170,6 +170,8 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-project", type=int, default=32,
                    help="images per class refined by optimisation (0: skip)")
     p.add_argument("--project-steps", type=int, default=100, help="optimisation steps")
+    p.add_argument("--project-space", choices=("w", "w+"), default="w",
+                   help="projection latents: w (the paper's) or w+ (one w per layer)")
     p.add_argument("--n-edit", type=int, default=16, help="healthy images to edit")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in (0, 1, 2, 3, 4, 5, 6)),
                    help="edit strengths in units of the latents' std along the direction")
@@ -208,7 +210,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     m = evaluate(out, args.data, weights, args.split, args.query, args.limit, args.n_fid,
                  args.n_project, args.project_steps, args.n_edit, direction, alphas,
                  args.device, progress=not args.no_progress, extra_directions=extra,
-                 metrics_name=name)
+                 metrics_name=name, project_space=args.project_space)
     for t in m["targets"]:
         val = "n/a" if t["value"] is None else f"{t['value']:.3f}"
         print(f"{'met   ' if t['met'] else 'missed'} {t['name']}: {val} (target {t['target']})")

@@ -24,10 +24,12 @@ from cxredit.report.html import (
     td,
 )
 
-_RECON_ORDER = ("mse", "psnr", "ssim", "ms_ssim", "lpips", "n", "steps")
+_RECON_ORDER = ("mse", "psnr", "ssim", "ms_ssim", "lpips", "n", "steps", "space", "init",
+                "latent_noise")
 _RECON_LABELS = {"mse": "MSE ↓", "psnr": "PSNR (dB) ↑", "ssim": "SSIM ↑",
                  "ms_ssim": "MS-SSIM ↑", "lpips": "LPIPS ↓", "n": "images",
-                 "steps": "optimisation steps"}
+                 "steps": "optimisation steps", "space": "latent space", "init": "started from",
+                 "latent_noise": "initial latent noise (x std of w)"}
 _RECON_COLS = {"encoder": "encoder E(x)", "projection": "optimisation (projection)"}
 _SEP_ORDER = ("separation", "separation_cv", "auc", "auc_in_sample", "auc_cv",
               "balanced_accuracy", "balanced_accuracy_cv", "n_pos", "n_neg")
