@@ -12,7 +12,7 @@ from cxredit.config import encoder_train_preset, preset
 from cxredit.data.store import ImageStore
 from cxredit.latent.io import load_latents
 from cxredit.runs import Run
-from cxredit.train.encoder import EncoderTrainer, load_encoder, train_encoder
+from cxredit.train.encoder import EncoderTrainer, init_encoder_from, load_encoder, train_encoder
 from cxredit.train.gan import GanTrainer, load_generator
 from test_train_gan import _blob_store  # noqa: I001
 
@@ -100,6 +100,45 @@ def test_encoder_exact_resume(gan_and_store, tmp_path):
     assert [p.name for p in recon] == ["recon-00000010.png", "recon-00000020.png"]
     evals = [r for r in Run(tmp_path / "full", resume=True).read_stats() if "eval/ssim_syn" in r]
     assert len(evals) == 2 and all(-1 <= r["eval/ssim_real"] <= 1 for r in evals)
+
+
+def test_init_from_starts_from_another_encoder(gan_and_store, tmp_path, capsys):
+    gan, store_dir = gan_and_store
+    store = ImageStore(store_dir)
+    reals = store.tensor(np.arange(16))
+    train_encoder(gan, store_dir, tmp_path / "src", _cfg(kimg=0.32), device="cpu",
+                  progress=False)
+    src = load_checkpoint(Run(tmp_path / "src", resume=True).latest_checkpoint())
+    # the start: every weight of the source, but this run's own w_avg (its generator's)
+    tr = EncoderTrainer(_cfg(), load_generator(gan), store, None, progress=False)
+    w_avg = tr.E.w_avg.clone()
+    rec = init_encoder_from(tr.E, tmp_path / "src")
+    assert rec["sha256"] == checkpoint_sha256(Run(tmp_path / "src", resume=True)
+                                              .latest_checkpoint())
+    for k, v in tr.E.state_dict().items():
+        assert torch.equal(v, w_avg if k == "w_avg" else src["E"][k]), k
+    # a short fine-tune from it beats the same length from scratch
+    cfg = _cfg(kimg=0.08, seed=3)
+    train_encoder(gan, store_dir, tmp_path / "scratch", cfg, device="cpu", progress=False)
+    train_encoder(gan, store_dir, tmp_path / "tuned", cfg, device="cpu", progress=False,
+                  init_from=tmp_path / "src")
+    errs = {}
+    for name in ("scratch", "tuned"):
+        E, _ = load_encoder(tmp_path / name)
+        with torch.no_grad():
+            errs[name] = (tr.G.synthesis(E(reals), noise_mode="const") - reals).square().mean()
+    assert errs["tuned"] < errs["scratch"], errs
+    doc = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert doc["init_from"]["sha256"] == rec["sha256"]
+    # an encoder of another shape is refused with the file named, and no run is left behind
+    train_encoder(gan, store_dir, tmp_path / "wplus", _cfg(kimg=0.04, space="w+"),
+                  device="cpu", progress=False)
+    assert main(["train-encoder", "--gan", str(gan), "--data", str(store_dir), "--out",
+                 str(tmp_path / "bad"), "--preset", "tiny", "--kimg", "0.04",
+                 "--init-from", str(tmp_path / "wplus"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "wplus" in err and "config differs in" in err and "space" in err
+    assert not (tmp_path / "bad" / "config.json").exists()
 
 
 def test_invert_cli_roundtrip(gan_and_store, tmp_path, capsys):

@@ -45,6 +45,10 @@ RECIPES = {
 }
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _resumable(run_dir: Path) -> bool:
     return (run_dir / "config.json").exists()
 
@@ -116,7 +120,8 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
 
 def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
                  gan_overrides: dict | None = None, device: str | None = None,
-                 progress: bool = True, **lengths) -> Path:
+                 progress: bool = True, encoder_init: str | Path | None = None,
+                 **lengths) -> Path:
     """Train (or continue) every stage of a phantom bundle and export it; see module doc.
 
     Args:
@@ -126,6 +131,8 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         gan_overrides: extra `GanConfig` fields for a new GAN run.
         device: torch device (None: cuda when available).
         progress: tqdm bars.
+        encoder_init: a new encoder run starts from this encoder's weights (e.g. the one
+            trained against an earlier checkpoint of the same GAN run, moved out of `work`).
         **lengths: override recipe entries (n_train, gan_kimg, encoder_kimg, segmenter_kimg,
             classifier_kimg, lda_images, encoder_overrides).
 
@@ -169,7 +176,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     ecfg = encoder_train_preset(preset)
     stage("encoder", lambda run, cfg, res, k: train_encoder(
         gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k,
-        encoder_overrides=r["encoder_overrides"]),
+        encoder_overrides=r["encoder_overrides"], init_from=encoder_init),
         work / "encoder", ecfg.replace(snap_kimg=min(ecfg.snap_kimg, r["encoder_kimg"])),
         r["encoder_kimg"])
     scfg = SegmenterTrainConfig()
@@ -186,7 +193,9 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     dirs = make_directions(work / "encoder", gan, store, work / "directions", r["lda_images"],
                            dev)
     recipe = {"preset": preset, "work": str(work), "gan_overrides": gan_overrides or {},
-              "phantom_train_seed": TRAIN_SEED, "direction_seed": DIRECTION_SEED, **r}
+              "phantom_train_seed": TRAIN_SEED, "direction_seed": DIRECTION_SEED,
+              "encoder_init": _read_json(work / "encoder" / "config.json").get("init_from"),
+              **r}
     manifest = export_bundle(out, gan, work / "encoder", work / "segmenter", work / "classifier",
                              dirs, info={"recipe": recipe, "seconds": timings})
     log.info("make-weights: %s in %.0f s: %s", out, time.time() - t0, json.dumps(timings))

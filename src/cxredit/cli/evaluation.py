@@ -132,6 +132,9 @@ def _add_make_weights(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name}-kimg", type=float, default=None,
                        help=f"training length of the {name} (kimg; default: the recipe's)")
     p.add_argument("--n-train", type=int, default=None, help="phantoms in the training store")
+    p.add_argument("--encoder-init", metavar="ENCODER", default=None,
+                   help="a new encoder run starts from this encoder's weights (fine-tuning "
+                        "after the GAN was trained further)")
     _add_runtime(p)
 
 
@@ -145,7 +148,7 @@ def run_make_weights(args: argparse.Namespace) -> int:
                                  ("classifier_kimg", args.classifier_kimg),
                                  ("n_train", args.n_train)) if v is not None}
     mf = make_weights(args.out, args.work, args.preset, device=args.device,
-                      progress=not args.no_progress, **lengths)
+                      progress=not args.no_progress, encoder_init=args.encoder_init, **lengths)
     print(f"wrote {mf}")
     return 0
 

@@ -128,6 +128,9 @@ def _add_train_encoder(p: argparse.ArgumentParser) -> None:
                    help="local torchvision ImageNet weights for the trunk (.pth/.safetensors)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any training field, e.g. --set e_content=0.5 (repeatable)")
+    p.add_argument("--init-from", metavar="ENCODER",
+                   help="start from this encoder run/checkpoint's weights (same trunk and "
+                        "space), e.g. after training the GAN further")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     _add_runtime(p)
 
@@ -151,7 +154,8 @@ def run_train_encoder(args: argparse.Namespace) -> int:
             overrides["pretrained_path"] = args.pretrained
     rec = train_encoder(args.gan, args.data, args.out, cfg, resume=args.resume,
                         device=args.device, encoder_overrides=overrides,
-                        progress=not args.no_progress, kimg=args.kimg)
+                        progress=not args.no_progress, kimg=args.kimg,
+                        init_from=args.init_from)
     if rec:
         print(f"{args.out}: {rec['kimg']} kimg, synthetic SSIM {rec.get('syn/ssim', 0):.3f}, "
               f"real SSIM {rec.get('real/ssim', float('nan')):.3f}")
@@ -182,7 +186,8 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
                    if getattr(args, k) is not None}
         cfg = SegmenterTrainConfig().replace(**changes)
     rec = train_segmenter(args.data, args.out, cfg, resume=args.resume, device=args.device,
-                          progress=not args.no_progress, kimg=args.kimg)
+                          progress=not args.no_progress, kimg=args.kimg,
+                        init_from=args.init_from)
     if rec:
         print(f"{args.out}: {rec['kimg']} kimg, loss {rec.get('loss/seg', float('nan')):.4f}")
     return 0
@@ -218,7 +223,8 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         cfg = ClassifierTrainConfig(label=args.label, negative_query=args.negative_query,
                                     **changes)
     rec = train_classifier(args.data, args.out, cfg, resume=args.resume, device=args.device,
-                           progress=not args.no_progress, kimg=args.kimg)
+                           progress=not args.no_progress, kimg=args.kimg,
+                        init_from=args.init_from)
     if rec:
         nan = float("nan")
         print(f"{args.out}: {rec.get('kimg', 0)} kimg, loss {rec.get('loss/bce', nan):.4f}, "

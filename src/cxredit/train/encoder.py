@@ -190,10 +190,33 @@ def load_encoder(path, device: torch.device | str = "cpu") -> tuple[Encoder, dic
     return E.to(device).eval().requires_grad_(False), {"gan": gan, "checkpoint": str(ck)}
 
 
+def init_encoder_from(E: Encoder, path: str | Path) -> dict:
+    """Start `E` from another encoder's weights (a fine-tuning start; E keeps its own w_avg).
+
+    Meant for an encoder of a generator that was trained further: the offsets it learned
+    from the old G's w_avg are a far better start than random weights. The two encoders must
+    have the same config (trunk, width, latent space, ...).
+
+    Returns:
+        {"path", "sha256"} of the checkpoint used.
+    """
+    ck = find_checkpoint(path)
+    st = load_checkpoint(ck, kind=CKPT_KIND, map_location="cpu", keys=["E_config", "E"])
+    if st["E_config"] != E.config:
+        diff = sorted(k for k in set(E.config) | set(st["E_config"])
+                      if E.config.get(k) != st["E_config"].get(k))
+        raise ValueError(f"{ck}: cannot start from this encoder: its config differs in "
+                         f"{', '.join(diff)}")
+    dev = E.w_avg.device
+    E.load_state_dict({**{k: v.to(dev) for k, v in st["E"].items()}, "w_avg": E.w_avg})
+    return {"path": str(Path(ck).resolve()), "sha256": checkpoint_sha256(ck)}
+
+
 def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
                   cfg: EncoderTrainConfig | None = None, resume: bool = False,
                   device: str | None = None, encoder_overrides: dict | None = None,
-                  progress: bool = True, kimg: float | None = None) -> dict:
+                  progress: bool = True, kimg: float | None = None,
+                  init_from: str | Path | None = None) -> dict:
     """Train (or resume) E against the G_ema of a GAN run; the API of `cxredit train-encoder`.
 
     Args:
@@ -206,6 +229,9 @@ def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
         encoder_overrides: `EncoderConfig` fields (e.g. {"trunk": "resnet50"}).
         progress: tqdm bar on rank 0.
         kimg: on resume, a new length.
+        init_from: a new run starts from this encoder's weights (`init_encoder_from`),
+            e.g. the encoder of an earlier checkpoint of the same GAN run; recorded in
+            config.json. Ignored on resume (the checkpoint holds the weights).
 
     Returns:
         The last stats record.
@@ -228,18 +254,21 @@ def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
             run = Run(out, resume=True) if info.is_main else None
         else:
             cfg = cfg or EncoderTrainConfig()
+        G = load_generator(gan_ck, info.device)
+        trainer = EncoderTrainer(cfg, G, store, None, info.device, encoder_overrides,
+                                 gan_source, progress=progress)
+        if resume:
+            trainer.resume_latest(out)
+        else:  # the config is written once the start (and its source) is known to be good
+            init = init_encoder_from(trainer.E, init_from) if init_from is not None else None
             if info.is_main:
                 run = Run(out)
                 run.write_config(cfg.to_dict(), kind="encoder",
                                  extra={"gan": gan_source, "data": str(Path(data).resolve()),
                                         "encoder_overrides": encoder_overrides or {},
-                                        "world_size": info.world_size})
+                                        "init_from": init, "world_size": info.world_size})
             dist.barrier()
-        G = load_generator(gan_ck, info.device)
-        trainer = EncoderTrainer(cfg, G, store, run, info.device, encoder_overrides,
-                                 gan_source, progress=progress)
-        if resume:
-            trainer.resume_latest(out)
+        trainer.run = run
         return trainer.fit(desc="train-encoder")
     finally:
         dist.cleanup()
