@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -61,10 +62,14 @@ def latent(client) -> dict:
     return r.json()
 
 
-def test_health_lists_models_directions_and_limits(client):
+def test_health_lists_models_directions_and_limits(client, tiny_bundle):
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["resolution"] == 16
     assert {d["name"] for d in h["directions"]} >= {"pair", "lda"}
+    # each direction's sigma (the page's slider unit) is the bundle's record of it
+    recorded = load_bundle(tiny_bundle, components=()).directions
+    for d in h["directions"]:
+        assert d["sigma"] == pytest.approx(recorded[d["name"]][1]["sigma"]) and d["sigma"] > 0
     assert h["max_alpha"] == 10 and h["max_upload_mb"] == LIMIT_MB
     assert h["encoder"] and h["segmenter"] and len(h["samples"]) == 6
 
@@ -325,12 +330,21 @@ def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
                     page.wait_for_selector(f"#img-edit[data-alpha='{alpha:g}']", timeout=20_000)
                     return page.get_attribute("#img-edit", "src"), page.text_content("#ctr-edit")
 
-                src, ctr = slide(4.0)
+                # the slider counts in sigma of "pair": its range is the smaller of 6 sigma
+                # and the server's raw limit, and the request carries alpha = s * sigma
+                sigma = next(d["sigma"] for d in httpx.get(base + "/api/health").json()
+                             ["directions"] if d["name"] == "pair")
+                span = float(page.get_attribute("#alpha", "max"))
+                assert span == pytest.approx(min(6.0, 10 / sigma), abs=0.1)
+                src, ctr = slide(min(4.0, span))
                 assert src != src0, "the edited image did not change with alpha"
+                raw = float(page.get_attribute("#img-edit", "data-alpha-raw"))
+                assert raw == pytest.approx(min(4.0, span) * sigma, abs=1e-3)
+                assert "σ" in page.text_content("#alpha-value")
                 if real:
                     assert float(ctr) > float(ctr0), f"CTR did not rise: {ctr0} -> {ctr}"
                 else:
-                    for alpha in (10.0, -10.0, -6.0, 8.0):  # 16 px: CTR moves in coarse steps
+                    for alpha in (span, -span, round(-span / 2, 1), round(0.8 * span, 1)):
                         if ctr != ctr0:
                             break
                         src, ctr = slide(alpha)

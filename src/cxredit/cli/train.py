@@ -186,8 +186,7 @@ def run_train_segmenter(args: argparse.Namespace) -> int:
                    if getattr(args, k) is not None}
         cfg = SegmenterTrainConfig().replace(**changes)
     rec = train_segmenter(args.data, args.out, cfg, resume=args.resume, device=args.device,
-                          progress=not args.no_progress, kimg=args.kimg,
-                        init_from=args.init_from)
+                          progress=not args.no_progress, kimg=args.kimg)
     if rec:
         print(f"{args.out}: {rec['kimg']} kimg, loss {rec.get('loss/seg', float('nan')):.4f}")
     return 0
@@ -223,8 +222,7 @@ def run_train_classifier(args: argparse.Namespace) -> int:
         cfg = ClassifierTrainConfig(label=args.label, negative_query=args.negative_query,
                                     **changes)
     rec = train_classifier(args.data, args.out, cfg, resume=args.resume, device=args.device,
-                           progress=not args.no_progress, kimg=args.kimg,
-                        init_from=args.init_from)
+                           progress=not args.no_progress, kimg=args.kimg)
     if rec:
         nan = float("nan")
         print(f"{args.out}: {rec.get('kimg', 0)} kimg, loss {rec.get('loss/bce', nan):.4f}, "

@@ -145,6 +145,15 @@ def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
 
+def _positive(x) -> float | None:
+    """A direction's sigma (std of training latents along it) if it is a usable unit."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
 class EditEngine:
     """Encode images, edit them along the bundle's directions, refine by projection.
 
@@ -191,7 +200,8 @@ class EditEngine:
                 "w_dim": int(self.G.w_dim), "num_ws": int(self.G.num_ws),
                 "generator_sha256": self.bundle.generator_sha256,
                 "encoder": self.E is not None, "segmenter": self.segmenter is not None,
-                "directions": [{"name": n, "method": side.get("method")}
+                "directions": [{"name": n, "method": side.get("method"),
+                                "sigma": _positive(side.get("sigma"))}
                                for n, (_, side) in self.directions.items()],
                 "samples": [{"name": n, "cardiomegaly": c} for n, (_, c) in SAMPLES.items()],
                 "max_alpha": self.max_alpha, "max_project_steps": self.max_steps,

@@ -48,10 +48,7 @@ async function init() {
       (h.segmenter ? "" : " · no segmenter");
     for (const d of h.directions) $("#direction").add(new Option(`${d.name} (${d.method})`, d.name));
     for (const s of h.samples) $("#sample").add(new Option(`Phantom: ${s.name}`, s.name));
-    const span = h.max_alpha;
-    const alpha = $("#alpha");
-    alpha.min = -span; alpha.max = span;
-    $("#alpha-min").textContent = `−${span}`; $("#alpha-max").textContent = `${span}`;
+    setScale();
     $("#steps").max = h.max_project_steps;
     $("#res-note").textContent = `resized to ${h.resolution}×${h.resolution}`;
     if (!h.directions.length) setStatus("This bundle ships no directions: editing is off.", true);
@@ -93,12 +90,48 @@ function uploadFile(file) {
   encode(form, file.name);
 }
 
+// The slider counts in sigma of the direction (the std of training latents along it) when the
+// bundle records it, so that one step means the same on every direction; else in raw alpha.
+const SIGMA_SPAN = 6;
+
+function unit() {
+  const h = state.health;
+  const d = h && h.directions.find((x) => x.name === $("#direction").value);
+  return d && d.sigma ? d.sigma : null;
+}
+
+function setScale() {
+  const h = state.health, sigma = unit(), slider = $("#alpha");
+  const span = sigma ? Math.floor(10 * Math.min(SIGMA_SPAN, h.max_alpha / sigma)) / 10
+                     : h.max_alpha;
+  slider.min = -span; slider.max = span;
+  slider.value = Math.max(-span, Math.min(span, parseFloat(slider.value) || 0));
+  const u = sigma ? " σ" : "";
+  $("#alpha-min").textContent = `−${span}${u}`; $("#alpha-max").textContent = `${span}${u}`;
+  $("#alpha-unit").textContent = sigma ? `(σ = ${sigma.toPrecision(3)} along this direction)`
+                                       : "(raw units: this direction records no σ)";
+  showValue();
+}
+
+function showValue() {
+  const s = parseFloat($("#alpha").value), sigma = unit();
+  $("#alpha-value").textContent = sigma ? `${s} σ` : `${s}`;
+}
+
+// Raw alpha for slider value s (clamped to the server's limit against rounding).
+function rawAlpha(s) {
+  const sigma = unit(), m = state.health.max_alpha;
+  const a = sigma ? Math.round(s * sigma * 1e4) / 1e4 : s;
+  return Math.max(-m, Math.min(m, a));
+}
+
 // One edit request in flight at a time; moves of the slider meanwhile coalesce into one more.
 async function requestEdit() {
   if (!state.id || !state.health || !state.health.directions.length) return;
   if (state.editing) { state.again = true; return; }
   state.editing = true;
-  const alpha = parseFloat($("#alpha").value);
+  const s = parseFloat($("#alpha").value);
+  const alpha = rawAlpha(s), sigma = unit();
   const direction = $("#direction").value;
   try {
     const r = await api("/api/edit", {
@@ -107,9 +140,11 @@ async function requestEdit() {
     });
     const img = $("#img-edit");
     img.src = r.image;
-    img.dataset.alpha = String(r.alpha);
+    img.dataset.alpha = String(s);  // slider units
+    img.dataset.alphaRaw = String(r.alpha);
     $("#img-diff").src = r.diff;
-    $("#edit-note").textContent = `${direction}, α = ${r.alpha}`;
+    $("#edit-note").textContent = sigma ? `${direction}, ${s} σ (α = ${r.alpha})`
+                                        : `${direction}, α = ${r.alpha}`;
     $("#ctr-edit").textContent = fmt(r.ctr);
     setDelta(r.ctr_reconstruction, r.ctr);
     const q = new URLSearchParams({ id: state.id, direction, alpha: String(r.alpha) });
@@ -170,13 +205,16 @@ document.addEventListener("DOMContentLoaded", () => {
     encode(form, $("#sample").value);
   });
   $("#alpha").addEventListener("input", () => {
-    $("#alpha-value").textContent = $("#alpha").value;
+    showValue();
     requestEdit();
   });
-  $("#direction").addEventListener("change", requestEdit);
+  $("#direction").addEventListener("change", () => {
+    setScale();
+    requestEdit();
+  });
   $("#reset").addEventListener("click", () => {
     $("#alpha").value = 0;
-    $("#alpha-value").textContent = "0";
+    showValue();
     requestEdit();
   });
   $("#refine").addEventListener("click", refine);
