@@ -248,7 +248,8 @@ def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
             encoder_overrides = doc.get("encoder_overrides") or {}
             if doc.get("gan", {}).get("sha256") not in (None, gan_source["sha256"]):
                 raise ValueError(f"{out}: was trained against another generator "
-                                 f"({doc['gan']['path']})")
+                                 f"({doc['gan']['path']}); train a new run for this one, "
+                                 "started from it with --init-from")
             if kimg is not None:
                 cfg = cfg.replace(kimg=kimg)
             run = Run(out, resume=True) if info.is_main else None
