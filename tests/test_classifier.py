@@ -26,6 +26,7 @@ from cxredit.train.classifier import (
     predict_proba,
     train_classifier,
 )
+from helpers import assert_exact_resume  # noqa: I001
 
 
 @pytest.fixture(scope="module")
@@ -113,26 +114,10 @@ def test_learns_phantom_cardiomegaly_above_auc_0_9(phantoms):
 
 
 def test_exact_resume_snapshots_and_load(phantoms, tmp_path):
-    cfg = _tiny_cfg()
-    full = train_classifier(phantoms, tmp_path / "full", cfg, device="cpu", progress=False)
-    train_classifier(phantoms, tmp_path / "part", cfg.replace(kimg=0.04), device="cpu",
-                     progress=False)
-    train_classifier(phantoms, tmp_path / "part", resume=True, device="cpu", progress=False,
-                     kimg=0.08)
-    a = load_checkpoint(Run(tmp_path / "full", resume=True).latest_checkpoint())
-    b = load_checkpoint(Run(tmp_path / "part", resume=True).latest_checkpoint())
-    assert a["step"] == b["step"] == 10
-    for k in a["net"]:
-        assert torch.equal(a["net"][k], b["net"][k]), k
-    # the resumed run really continued: its weights differ from the half-way checkpoint
-    half = load_checkpoint(sorted((tmp_path / "part" / "checkpoints").glob("*.json"))[0])
-    assert half["step"] == 5
-    assert any(not torch.equal(half["net"][k], b["net"][k]) for k in b["net"])
-    grids = sorted((tmp_path / "full" / "samples").glob("val-*.png"))
-    assert [p.name for p in grids] == ["val-00000005.png", "val-00000010.png"]
-    stats = Run(tmp_path / "full", resume=True).read_stats()
+    full, a, stats = assert_exact_resume(train_classifier, phantoms, tmp_path, _tiny_cfg(),
+                                         "val", "eval/auc")
     evals = [r for r in stats if "eval/auc" in r]
-    assert [r["step"] for r in evals] == [5, 10]
+
     def _no_timing(recs):
         return [{k: v for k, v in r.items() if k != "sec_per_kimg"} for r in recs]
 

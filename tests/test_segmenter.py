@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from cxredit.checkpoint import load_checkpoint
 from cxredit.data.prepare import make_phantom_store
 from cxredit.data.store import ImageStore
 from cxredit.metrics.ctr import dice
 from cxredit.models.segmenter import Segmenter, SegmenterConfig
-from cxredit.runs import Run
 from cxredit.train.segmenter import (
     SegmenterTrainConfig,
     SegmenterTrainer,
@@ -20,6 +18,7 @@ from cxredit.train.segmenter import (
     predict_masks,
     train_segmenter,
 )
+from helpers import assert_exact_resume  # noqa: I001
 
 
 @pytest.fixture(scope="module")
@@ -85,26 +84,9 @@ def _tiny_cfg(**kw):
 
 
 def test_exact_resume_snapshots_and_load(phantoms, tmp_path):
-    cfg = _tiny_cfg()
-    train_segmenter(phantoms, tmp_path / "full", cfg, device="cpu", progress=False)
-    train_segmenter(phantoms, tmp_path / "part", cfg.replace(kimg=0.04), device="cpu",
-                    progress=False)
-    train_segmenter(phantoms, tmp_path / "part", resume=True, device="cpu", progress=False,
-                    kimg=0.08)
-    a = load_checkpoint(Run(tmp_path / "full", resume=True).latest_checkpoint())
-    b = load_checkpoint(Run(tmp_path / "part", resume=True).latest_checkpoint())
-    assert a["step"] == b["step"] == 10
-    for k in a["net"]:
-        assert torch.equal(a["net"][k], b["net"][k]), k
-    # the resumed run really continued: its weights differ from the half-way checkpoint
-    half = load_checkpoint(sorted((tmp_path / "part" / "checkpoints").glob("*.json"))[0])
-    assert half["step"] == 5
-    assert any(not torch.equal(half["net"][k], b["net"][k]) for k in b["net"])
-    grids = sorted((tmp_path / "full" / "samples").glob("masks-*.png"))
-    assert [p.name for p in grids] == ["masks-00000005.png", "masks-00000010.png"]
-    evals = [r for r in Run(tmp_path / "full", resume=True).read_stats()
-             if "eval/dice_heart" in r]
-    assert [r["step"] for r in evals] == [5, 10]
+    _, _, stats = assert_exact_resume(train_segmenter, phantoms, tmp_path, _tiny_cfg(), "masks",
+                                      "eval/dice_heart")
+    evals = [r for r in stats if "eval/dice_heart" in r]
     assert all(0 <= r[f"eval/dice_{k}"] <= 1 for r in evals
                for k in ("heart", "right_lung", "left_lung"))
     net = load_segmenter(tmp_path / "full")
