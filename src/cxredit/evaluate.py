@@ -98,8 +98,8 @@ def _synth(G, w: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 
 def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: int,
-             partial: Path, batch: int, progress: bool, space: str = "w",
-             noise: float = 0.05) -> torch.Tensor:
+             partial: Path, batch: int, progress: bool, space: str,
+             noise: float) -> torch.Tensor:
     """Projected latents of `x` (resumed from `partial`: finished batches are kept).
 
     `space` "w" gives [N, w_dim], "w+" [N, num_ws, w_dim]; `noise` is the projection's
@@ -107,13 +107,13 @@ def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: in
     """
     from tqdm.auto import tqdm
 
-    from cxredit.latent.project import project_images
+    from cxredit.latent.project import NOISE_FACTOR, project_images
 
     done: dict[int, np.ndarray] = {}
     if partial.exists():
         with np.load(partial) as z:
             same = (int(z["steps"]) == steps and str(z.get("space", "w")) == space
-                    and float(z.get("noise", 0.05)) == noise)
+                    and float(z.get("noise", NOISE_FACTOR)) == noise)
             if same:
                 done = dict(zip(z["rows"].tolist(), z["w"]))
     dev = next(G.parameters()).device
@@ -180,6 +180,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     from cxredit.data.store import ImageStore
     from cxredit.generate import provenance
     from cxredit.latent.directions import cosine
+    from cxredit.latent.project import NOISE_FACTOR
     from cxredit.latent.separability import histogram_figure, separability
     from cxredit.metrics.features import get_extractor
     from cxredit.metrics.fid import compare_sets
@@ -281,7 +282,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     if len(proj_idx):
         init = w_enc[proj_idx] if w_enc is not None else \
             b.G.mapping.w_avg.detach().cpu().expand(len(proj_idx), -1)
-        noise = 0.0 if w_enc is not None else 0.05
+        noise = 0.0 if w_enc is not None else NOISE_FACTOR
         w_proj = _project(b.G, x[proj_idx], init, rows[proj_idx], project_steps,
                           out / "projection.partial.npz", 16, progress, project_space, noise)
         rec_proj = _synth(b.G, w_proj)

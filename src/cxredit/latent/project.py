@@ -40,6 +40,7 @@ SPACES = ("w", "w+")
 INITS = ("mean", "encoder")
 LOSS = "mse+ssim"
 W_STATS_SAMPLES = 4096  # z draws for w_avg / w_std (NVlabs: 10000; the mean is stable by 4k)
+NOISE_FACTOR = 0.05  # default initial latent noise, x the std of w (NVlabs' value)
 _lpips_note_logged = False
 
 
@@ -132,7 +133,7 @@ def _image_loss(img: Tensor, target: Tensor, lpips=None) -> Tensor:
 
 def project_images(G: Generator, targets: Tensor, space: str = "w", init: Tensor | None = None,
                    steps: int = 500, lr: float = 0.1, lr_rampup: float = 0.05,
-                   lr_rampdown: float = 0.25, initial_noise_factor: float = 0.05,
+                   lr_rampdown: float = 0.25, initial_noise_factor: float = NOISE_FACTOR,
                    noise_ramp: float = 0.75, optimize_noise: bool = False,
                    noise_weight: float = 1e5, lpips_weights: str | None = None,
                    generator: torch.Generator | None = None, seeds: Sequence[int] | None = None,

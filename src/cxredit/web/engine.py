@@ -147,11 +147,8 @@ def _finite(x: float) -> float | None:
 
 def _positive(x) -> float | None:
     """A direction's sigma (std of training latents along it) if it is a usable unit."""
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) and x > 0 else None
+    v = _finite(x) if isinstance(x, (int, float)) else None
+    return v if v is not None and v > 0 else None
 
 
 class EditEngine:
