@@ -221,3 +221,17 @@ def test_make_direction_pair_and_errors(tmp_path):
     save_latents(tmp_path / "J.npz", w_I, ids, {**gen, "generator": {"sha256": "other"}})
     with pytest.raises(ValueError, match="different generators"):
         make_direction("pair", pairs=(a, tmp_path / "J.npz"), out=tmp_path / "x.npz")
+
+
+def test_sigma_along_w_and_w_plus():
+    from cxredit.latent.directions import sigma_along
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(200, 8)) * np.array([3.0] + [1.0] * 7)
+    v = np.eye(8)[0]
+    assert sigma_along(w, v) == pytest.approx(w[:, 0].std())
+    assert sigma_along(w, v) > 2.5 and sigma_along(w, np.eye(8)[1]) < 1.2
+    wp = w[:, None, :] + rng.normal(size=(200, 4, 8)) * 0.1  # W+: layers around w
+    assert sigma_along(wp, v) == pytest.approx(wp.mean(1)[:, 0].std())
+    assert sigma_along(wp, np.tile(v, (4, 1)) / 2) == pytest.approx(
+        (wp.reshape(200, -1) @ (np.tile(v, (4, 1)) / 2).ravel()).std())

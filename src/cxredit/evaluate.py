@@ -366,13 +366,6 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     return m
 
 
-def _sigma(pool: torch.Tensor, v: torch.Tensor) -> float:
-    """Std of the latents `pool` along unit `v` (a W+ pool against a W direction: layer means)."""
-    if pool.ndim == 3 and v.ndim == 1:
-        pool = pool.mean(1)
-    return float((pool.flatten(1) @ v.flatten()).std())
-
-
 def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
            alphas: tuple[float, ...], truth: dict | None, out: Path, gen_sha: str,
            w_lec: torch.Tensor | None = None) -> dict:
@@ -381,13 +374,14 @@ def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
     LEC re-encodes edits, so it starts from the encoder's latents `w_lec` of the same images
     (None: `w_edit`).
     """
+    from cxredit.latent.directions import sigma_along
     from cxredit.latent.edit import edit_provenance
     from cxredit.metrics.edit import edit_sweep, latent_editing_consistency, summarize_sweep
     from cxredit.runs import save_image_grid
 
     v_np, v_info = b.directions[direction]
     v = torch.from_numpy(v_np)
-    sigma_v = _sigma(pool, v)
+    sigma_v = sigma_along(pool.numpy(), v_np)
     raw = [a * sigma_v for a in alphas]
     sweep = edit_sweep(b.G, w_edit, v, raw, b.segmenter, b.classifier, truth=truth,
                        keep_images=min(8, len(w_edit)))
@@ -401,7 +395,7 @@ def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
         if name == direction or v_other.shape != v_np.shape:
             continue
         vo = torch.from_numpy(v_other)
-        so = _sigma(pool, vo)
+        so = sigma_along(pool.numpy(), v_other)
         sm = summarize_sweep(edit_sweep(b.G, w_edit, vo, [a * so for a in alphas], b.segmenter))
         edit["compare"][name] = {"pushed_past_0_5": sm["pushed_past_0_5"], "sigma_v": so,
                                  "ctr_mean": sm["ctr_mean"],

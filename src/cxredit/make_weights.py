@@ -45,10 +45,6 @@ RECIPES = {
 }
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
 def _resumable(run_dir: Path) -> bool:
     return (run_dir / "config.json").exists()
 
@@ -87,7 +83,7 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
     """Fit "pair" (one pair, as in the paper), "pair16" and "lda" directions into `out`."""
     from cxredit.checkpoint import checkpoint_sha256
     from cxredit.data.store import ImageStore
-    from cxredit.latent.directions import lda_direction, pair_direction, save_direction
+    from cxredit.latent.directions import lda_direction, pair_direction, save_direction, sigma_along
     from cxredit.runs import find_checkpoint
     from cxredit.train.encoder import load_encoder
 
@@ -111,7 +107,7 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
     paths = {}
     for name, (v, info) in vs.items():
         # sigma: std of the training latents along v, a natural unit for edit strengths
-        sigma = float((w.reshape(len(w), -1) @ v.reshape(-1)).std())
+        sigma = sigma_along(w, v)
         paths[name] = save_direction(out / f"{name}.npz", v,
                                      {**info, "generator": gen, "latents_from": "encoder",
                                       "sigma": sigma})
@@ -143,6 +139,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     from cxredit.config import encoder_train_preset
     from cxredit.config import preset as gan_preset
     from cxredit.data.prepare import make_phantom_store
+    from cxredit.runs import Run
     from cxredit.train.classifier import ClassifierTrainConfig, train_classifier
     from cxredit.train.encoder import train_encoder
     from cxredit.train.gan import train_gan
@@ -194,7 +191,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
                            dev)
     recipe = {"preset": preset, "work": str(work), "gan_overrides": gan_overrides or {},
               "phantom_train_seed": TRAIN_SEED, "direction_seed": DIRECTION_SEED,
-              "encoder_init": _read_json(work / "encoder" / "config.json").get("init_from"),
+              "encoder_init": Run(work / "encoder", resume=True).read_config().get("init_from"),
               **r}
     manifest = export_bundle(out, gan, work / "encoder", work / "segmenter", work / "classifier",
                              dirs, info={"recipe": recipe, "seconds": timings})

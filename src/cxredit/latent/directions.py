@@ -191,6 +191,18 @@ def conditional_direction(v: np.ndarray, conditions: Sequence[np.ndarray]) -> np
     return _unit(out).reshape(shape)
 
 
+def sigma_along(latents, v) -> float:
+    """Std of `latents` [N, w_dim] or [N, num_ws, w_dim] along the unit direction `v`.
+
+    The natural unit of edit strengths. W+ latents against a W direction [w_dim] are taken
+    by their mean over layers (the edit adds v to every layer).
+    """
+    w, v = np.asarray(latents, np.float64), np.asarray(v, np.float64)
+    if w.ndim == 3 and v.ndim == 1:
+        w = w.mean(1)
+    return float((w.reshape(len(w), -1) @ v.reshape(-1)).std())
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine similarity of two directions of the same shape (flattened)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
