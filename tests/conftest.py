@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 
 
-def build_tiny_bundle(root: Path) -> Path:
+def build_tiny_bundle(root: Path, encoder_space: str = "w") -> Path:
     """Train a 16-px pipeline for a few steps and export it as a bundle (CPU, ~10 s).
 
     The models are barely trained: good for plumbing (shapes, files, APIs), not for quality.
+    With encoder_space "w+", E predicts W+ (started from a W encoder, as the demo's can be).
     """
     from cxredit.bundle import export_bundle
     from cxredit.cli import main
@@ -24,11 +25,16 @@ def build_tiny_bundle(root: Path) -> Path:
     assert run("train-encoder", "--gan", root / "gan", "--data", root / "store", "--out",
                root / "enc", "--preset", "tiny", "--kimg", "0.016", "--batch", "8",
                "--no-progress") == 0
+    enc = root / "enc"
+    if encoder_space == "w+":
+        enc = root / "enc_wplus"
+        assert run("train-encoder", "--gan", root / "gan", "--data", root / "store", "--out",
+                   enc, "--preset", "tiny", "--kimg", "0.016", "--batch", "8", "--space", "w+",
+                   "--init-from", root / "enc", "--no-progress") == 0
     assert run("train-segmenter", "--data", root / "store", "--out", root / "seg", "--kimg",
                "0.032", "--batch", "8", "--no-progress") == 0
-    dirs = make_directions(root / "enc", root / "gan", root / "store", root / "dirs",
-                           lda_images=64)
-    export_bundle(root / "bundle", root / "gan", root / "enc", root / "seg", None, dirs)
+    dirs = make_directions(enc, root / "gan", root / "store", root / "dirs", lda_images=64)
+    export_bundle(root / "bundle", root / "gan", enc, root / "seg", None, dirs)
     return root / "bundle"
 
 

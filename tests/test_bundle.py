@@ -80,6 +80,18 @@ def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     sha = b.generator_sha256
     assert main(args) == 0  # every stage is finished: the same generator is exported again
     assert load_bundle(tmp_path / "w").generator_sha256 == sha
+    # a W+ encoder started from the W one, the other stages reused (linked) from the first work
+    (tmp_path / "wp").mkdir()
+    for stage in ("train_store", "gan", "segmenter", "classifier"):
+        (tmp_path / "wp" / stage).symlink_to(tmp_path / "runs" / stage)
+    assert main([*args[:2], str(tmp_path / "bp"), "--work", str(tmp_path / "wp"), *args[5:],
+                 "--encoder-space", "w+", "--encoder-init", str(tmp_path / "runs" / "encoder")]
+                ) == 0
+    bp = load_bundle(tmp_path / "bp")
+    assert bp.E.space == "w+" and bp.generator_sha256 == sha
+    assert bp.manifest["recipe"]["encoder_space"] == "w+"
+    assert bp.manifest["recipe"]["encoder_init"]["space"] == "w"
+    assert bp.directions["pair"][0].shape == (bp.G.num_ws, bp.G.w_dim)
     assert main(["export-bundle", "--out", str(tmp_path / "w2"), "--gan",
                  str(tmp_path / "runs" / "gan"), "--direction", "bad"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err

@@ -43,3 +43,27 @@ def test_demo_without_weights_says_how_to_make_them(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--weights", str(tmp_path / "none"),
                  "--no-progress"]) == 2
     assert "make-weights" in capsys.readouterr().err
+
+
+def test_demo_with_a_wplus_encoder(tmp_path_factory, capsys):
+    """A bundle whose E predicts W+ (started from a W encoder) runs the whole demo: W+
+    latents, W+ directions (pair and LDA) and edits along them."""
+    import numpy as np
+
+    from conftest import build_tiny_bundle
+    from cxredit.bundle import load_bundle
+
+    bundle = build_tiny_bundle(tmp_path_factory.mktemp("wplus"), encoder_space="w+")
+    b = load_bundle(bundle)
+    assert b.E.space == "w+"
+    out = tmp_path_factory.mktemp("wplus_demo")
+    assert main(["demo", "--out", str(out), "--weights", str(bundle), "--n-healthy", "5",
+                 "--n-cardio", "5", "--n-project", "2", "--project-steps", "2", "--n-edit", "2",
+                 "--no-progress"]) == 0
+    assert "cxredit demo ->" in capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    files = m["directions"]["files"]  # the demo's own direction in out, the bundle's in it
+    for v in (np.load(out / files["pair_demo"])["v"], np.load(bundle / files["lda"])["v"]):
+        assert v.shape == (b.G.num_ws, b.G.w_dim)
+    assert np.isfinite(m["reconstruction"]["encoder"]["ssim"])
+    assert len(m["edit"]["ctr_mean"]) == 7 and np.isfinite(m["edit"]["ctr_mean"]).all()

@@ -139,6 +139,14 @@ def test_init_from_starts_from_another_encoder(gan_and_store, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "wplus" in err and "config differs in" in err and "space" in err
     assert not (tmp_path / "bad" / "config.json").exists()
+    # ... but a W encoder may start a W+ one: every layer starts at the source's w
+    wide = EncoderTrainer(_cfg(space="w+"), load_generator(gan), store, None, progress=False)
+    assert init_encoder_from(wide.E, tmp_path / "src")["space"] == "w"
+    E_src, _ = load_encoder(tmp_path / "src")
+    with torch.no_grad():
+        a, b = E_src(reals) - E_src.w_avg, wide.E.eval()(reals) - wide.E.w_avg
+    assert b.shape == (16, wide.G.num_ws, a.shape[1]) and a.abs().max() > 0
+    torch.testing.assert_close(b, a[:, None].expand_as(b))
 
 
 def test_invert_cli_roundtrip(gan_and_store, tmp_path, capsys):

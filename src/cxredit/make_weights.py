@@ -37,11 +37,12 @@ RECIPES = {
     # trunk instead of the demo64 preset's ResNet-18: on 2 CPU cores it trains ~3x faster
     # (110 vs 312 s/kimg on one core) and its fp16 weights take ~3 MB instead of ~24 MB.
     "demo64": dict(n_train=10000, gan_kimg=200.0, encoder_kimg=60.0, segmenter_kimg=20.0,
-                   classifier_kimg=20.0, lda_images=2000,
+                   classifier_kimg=20.0, lda_images=2000, encoder_space="w",
                    encoder_overrides={"trunk": "tiny", "tiny_width": 32}),
     # Seconds on CPU: for tests and smoke runs (weights only good for plumbing checks).
     "tiny": dict(n_train=128, gan_kimg=0.032, encoder_kimg=0.032, segmenter_kimg=0.064,
-                 classifier_kimg=0.064, lda_images=128, encoder_overrides={}),
+                 classifier_kimg=0.064, lda_images=128, encoder_space="w",
+                 encoder_overrides={}),
 }
 
 
@@ -130,7 +131,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         encoder_init: a new encoder run starts from this encoder's weights (e.g. the one
             trained against an earlier checkpoint of the same GAN run, moved out of `work`).
         **lengths: override recipe entries (n_train, gan_kimg, encoder_kimg, segmenter_kimg,
-            classifier_kimg, lda_images, encoder_overrides).
+            classifier_kimg, lda_images, encoder_space, encoder_overrides).
 
     Returns:
         Path of the bundle's `bundle.json`.
@@ -170,7 +171,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     stage("generator", lambda run, cfg, res, k: train_gan(
         store, run, cfg, resume=res, device=device, progress=progress, kimg=k),
         gan, gcfg.replace(snap_kimg=min(gcfg.snap_kimg, r["gan_kimg"])), r["gan_kimg"])
-    ecfg = encoder_train_preset(preset)
+    ecfg = encoder_train_preset(preset).replace(space=r["encoder_space"])
     stage("encoder", lambda run, cfg, res, k: train_encoder(
         gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k,
         encoder_overrides=r["encoder_overrides"], init_from=encoder_init),

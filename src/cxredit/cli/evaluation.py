@@ -134,7 +134,9 @@ def _add_make_weights(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=None, help="phantoms in the training store")
     p.add_argument("--encoder-init", metavar="ENCODER", default=None,
                    help="a new encoder run starts from this encoder's weights (fine-tuning "
-                        "after the GAN was trained further)")
+                        "after the GAN was trained further; a W encoder may start a W+ one)")
+    p.add_argument("--encoder-space", choices=("w", "w+"), default=None,
+                   help="latent space the encoder predicts (default: the recipe's, w)")
     _add_runtime(p)
 
 
@@ -146,7 +148,8 @@ def run_make_weights(args: argparse.Namespace) -> int:
     lengths = {k: v for k, v in (("gan_kimg", args.gan_kimg), ("encoder_kimg", args.encoder_kimg),
                                  ("segmenter_kimg", args.segmenter_kimg),
                                  ("classifier_kimg", args.classifier_kimg),
-                                 ("n_train", args.n_train)) if v is not None}
+                                 ("n_train", args.n_train),
+                                 ("encoder_space", args.encoder_space)) if v is not None}
     mf = make_weights(args.out, args.work, args.preset, device=args.device,
                       progress=not args.no_progress, encoder_init=args.encoder_init, **lengths)
     print(f"wrote {mf}")

@@ -129,8 +129,8 @@ def _add_train_encoder(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any training field, e.g. --set e_content=0.5 (repeatable)")
     p.add_argument("--init-from", metavar="ENCODER",
-                   help="start from this encoder run/checkpoint's weights (same trunk and "
-                        "space), e.g. after training the GAN further")
+                   help="start from this encoder run/checkpoint's weights (same trunk; "
+                        "a W encoder may start a W+ one), e.g. after training the GAN further")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     _add_runtime(p)
 

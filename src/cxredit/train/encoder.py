@@ -195,21 +195,31 @@ def init_encoder_from(E: Encoder, path: str | Path) -> dict:
 
     Meant for an encoder of a generator that was trained further: the offsets it learned
     from the old G's w_avg are a far better start than random weights. The two encoders must
-    have the same config (trunk, width, latent space, ...).
+    have the same config (trunk, width, ...), except that a W encoder may start a W+ one: the
+    last head layer is then repeated once per layer, so the start predicts the source's w on
+    every layer (E_w+(x)[:, i] == E_w(x)) and training lets the layers part from there.
 
     Returns:
-        {"path", "sha256"} of the checkpoint used.
+        {"path", "sha256"} of the checkpoint used, plus {"space": "w"} when a W encoder
+        started a W+ one.
     """
     ck = find_checkpoint(path)
     st = load_checkpoint(ck, kind=CKPT_KIND, map_location="cpu", keys=["E_config", "E"])
-    if st["E_config"] != E.config:
-        diff = sorted(k for k in set(E.config) | set(st["E_config"])
-                      if E.config.get(k) != st["E_config"].get(k))
+    src_cfg, sd = st["E_config"], dict(st["E"])
+    widen = src_cfg.get("space") == "w" and E.space == "w+"
+    if ({**src_cfg, "space": E.space} if widen else src_cfg) != E.config:
+        diff = sorted(k for k in set(E.config) | set(src_cfg)
+                      if E.config.get(k) != src_cfg.get(k))
         raise ValueError(f"{ck}: cannot start from this encoder: its config differs in "
                          f"{', '.join(diff)}")
+    if widen:  # head output index = layer * w_dim + d (see Encoder.forward's view)
+        last = f"head.{len(E.head) - 1}"
+        sd[f"{last}.weight"] = sd[f"{last}.weight"].repeat(E.num_ws, 1)
+        sd[f"{last}.bias"] = sd[f"{last}.bias"].repeat(E.num_ws)
     dev = E.w_avg.device
-    E.load_state_dict({**{k: v.to(dev) for k, v in st["E"].items()}, "w_avg": E.w_avg})
-    return {"path": str(Path(ck).resolve()), "sha256": checkpoint_sha256(ck)}
+    E.load_state_dict({**{k: v.to(dev) for k, v in sd.items()}, "w_avg": E.w_avg})
+    out = {"path": str(Path(ck).resolve()), "sha256": checkpoint_sha256(ck)}
+    return {**out, "space": "w"} if widen else out
 
 
 def train_encoder(gan: str | Path, data: str | Path, out: str | Path,
