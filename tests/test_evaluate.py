@@ -6,6 +6,8 @@ import numpy as np
 
 from cxredit.cli import main
 from cxredit.data.prepare import make_phantom_store
+from cxredit.data.store import ImageStore
+from cxredit.latent.separability import separation
 
 
 def _test_store(root):
@@ -31,9 +33,13 @@ def test_evaluate_from_runs_with_a_direction_file(tiny_bundle, tmp_path, capsys)
     assert m["edit"]["latents"] == "projection" and m["edit"]["n"] == 4
     assert m["directions"]["names"] == ["lda"]
     assert np.allclose(m["directions"]["cosine"], [[1.0]], atol=1e-12)
-    assert set(m["separability"]) == {"encoder", "projection"}
+    assert set(m["separability"]) == {"encoder", "projection", "true_ctr"}
     sep = m["separability"]["encoder"]
     assert sep["n_pos"] + sep["n_neg"] == 24 and np.isfinite(sep["separation_cv"])
+    # phantoms: the same measure on the ground-truth CTR behind the labels, for reference
+    meta = ImageStore(_test_store(tmp_path)).meta
+    ctr, y = meta["ctr"].to_numpy(), meta["Cardiomegaly"].to_numpy() == 1
+    assert np.isclose(m["separability"]["true_ctr"]["separation"], separation(ctr[y], ctr[~y]))
     assert m["generation"]["extractor"] == "encoder" and m["generation"]["n_real"] == 12
     assert (out.parent / "report.html").exists() and (out.parent / "edit_sweep.png").exists()
     json.loads(out.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
@@ -48,7 +54,7 @@ def test_evaluate_with_only_a_generator_skips_what_it_cannot_measure(tiny_bundle
     m = json.loads((tmp_path / "g" / "metrics.json").read_text())
     assert "generation" not in m and "edit" not in m and "encoder" not in m["reconstruction"]
     assert m["reconstruction"]["projection"]["init"] == "mean w"
-    assert list(m["separability"]) == ["projection"]
+    assert list(m["separability"]) == ["projection", "true_ctr"]
     assert set(m["skipped"]) == {"generation", "edit"}
     assert "skipped edit" in capsys.readouterr().out
 

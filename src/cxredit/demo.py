@@ -130,6 +130,10 @@ def print_summary(m: dict, out: Path) -> None:
     print(f"  separability       {_fmt(sep.get('separation'), '.2f')} in-sample, "
           f"{_fmt(sep.get('separation_cv'), '.2f')} cross-validated (paper: 4.8), "
           f"AUC {_fmt(sep.get('auc'))}")
+    truth = m.get("separability", {}).get("true_ctr")
+    if truth:
+        print(f"{'':21}the phantoms' true CTR: {_fmt(truth.get('separation'), '.2f')} "
+              f"in-sample, {_fmt(truth.get('separation_cv'), '.2f')} cross-validated")
     if "pair_demo" in names and "lda" in names:
         c = cos[names.index("pair_demo")][names.index("lda")]
         print(f"  directions         cos(paper pair, LDA) = {_fmt(c)}")

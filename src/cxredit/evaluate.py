@@ -318,6 +318,14 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
             histogram_figure(sep, out / "separability.png", title=f"LDA of {name} latents",
                              class_names=("cardiomegaly", "healthy"))
             m["figures"]["separability_histogram"] = "separability.png"
+    truth = st.meta["ctr"].to_numpy(float)[rows] if phantom and "ctr" in st.meta else None
+    if truth is not None and np.isfinite(truth).all() and spaces:
+        # the same measure on the phantoms' ground-truth CTR, the quantity behind the labels:
+        # what a latent axis that encoded heart size exactly (and linearly) would reach
+        sep = separability(truth[:, None], lab, shrinkage="auto")
+        m["separability"]["true_ctr"] = {**scalars(sep), "n_pos": int(lab.sum()),
+                                         "n_neg": int((~lab).sum()),
+                                         "latent": "ground-truth CTR (phantoms)"}
     _write_json(mpath, m)
 
     # -- 4. directions

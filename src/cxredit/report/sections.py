@@ -117,7 +117,8 @@ def separability(ctx: Context) -> str:
     out.append(note("Separation: distance between the class means along the LDA axis, in "
                     "within-class standard deviations. In-sample numbers fit and score the same "
                     "latents; cross-validated numbers score held-out folds and are the ones to "
-                    "trust."))
+                    "trust. On phantoms, the true_ctr row applies the same measure to the "
+                    "ground-truth cardiothoracic ratio, the quantity the labels come from."))
     return "".join(out)
 
 
