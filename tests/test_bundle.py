@@ -9,6 +9,7 @@ import torch
 from cxredit.bundle import BundleError, export_bundle, load_bundle, read_manifest
 from cxredit.cli import main
 from cxredit.latent.invert import invert
+from cxredit.runs import Run
 from cxredit.train.gan import load_generator
 
 
@@ -85,16 +86,20 @@ def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     for stage in ("train_store", "gan", "segmenter", "classifier"):
         (tmp_path / "wp" / stage).symlink_to(tmp_path / "runs" / stage)
     assert main([*args[:2], str(tmp_path / "bp"), "--work", str(tmp_path / "wp"), *args[5:],
-                 "--encoder-space", "w+", "--encoder-init", str(tmp_path / "runs" / "encoder")]
-                ) == 0
+                 "--encoder-space", "w+", "--encoder-init", str(tmp_path / "runs" / "encoder"),
+                 "--encoder-set", "real_ssim=4"]) == 0
     bp = load_bundle(tmp_path / "bp")
     assert bp.E.space == "w+" and bp.generator_sha256 == sha
     assert bp.manifest["recipe"]["encoder_space"] == "w+"
+    assert bp.manifest["recipe"]["encoder_train"] == {"real_ssim": 4.0}
+    assert Run(tmp_path / "wp" / "encoder", resume=True).read_config()["config"]["real_ssim"] == 4
     assert bp.manifest["recipe"]["encoder_init"]["space"] == "w"
     assert bp.directions["pair"][0].shape == (bp.G.num_ws, bp.G.w_dim)
     assert main(["export-bundle", "--out", str(tmp_path / "w2"), "--gan",
                  str(tmp_path / "runs" / "gan"), "--direction", "bad"]) == 2
     assert "NAME=FILE" in capsys.readouterr().err
+    assert main([*args, "--encoder-set", "real_sim=4"]) == 2
+    assert "unknown config field 'real_sim'" in capsys.readouterr().err
 
 
 def test_bundle_python_api_reads_encodes_edits_and_measures(tiny_bundle, tmp_path):

@@ -38,11 +38,11 @@ RECIPES = {
     # (110 vs 312 s/kimg on one core) and its fp16 weights take ~3 MB instead of ~24 MB.
     "demo64": dict(n_train=10000, gan_kimg=200.0, encoder_kimg=60.0, segmenter_kimg=20.0,
                    classifier_kimg=20.0, lda_images=2000, encoder_space="w",
-                   encoder_overrides={"trunk": "tiny", "tiny_width": 32}),
+                   encoder_train={}, encoder_overrides={"trunk": "tiny", "tiny_width": 32}),
     # Seconds on CPU: for tests and smoke runs (weights only good for plumbing checks).
     "tiny": dict(n_train=128, gan_kimg=0.032, encoder_kimg=0.032, segmenter_kimg=0.064,
                  classifier_kimg=0.064, lda_images=128, encoder_space="w",
-                 encoder_overrides={}),
+                 encoder_train={}, encoder_overrides={}),
 }
 
 
@@ -131,7 +131,8 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         encoder_init: a new encoder run starts from this encoder's weights (e.g. the one
             trained against an earlier checkpoint of the same GAN run, moved out of `work`).
         **lengths: override recipe entries (n_train, gan_kimg, encoder_kimg, segmenter_kimg,
-            classifier_kimg, lda_images, encoder_space, encoder_overrides).
+            classifier_kimg, lda_images, encoder_space, encoder_overrides; encoder_train:
+            `EncoderTrainConfig` fields of a new encoder run, e.g. {"real_ssim": 4.0}).
 
     Returns:
         Path of the bundle's `bundle.json`.
@@ -171,7 +172,7 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     stage("generator", lambda run, cfg, res, k: train_gan(
         store, run, cfg, resume=res, device=device, progress=progress, kimg=k),
         gan, gcfg.replace(snap_kimg=min(gcfg.snap_kimg, r["gan_kimg"])), r["gan_kimg"])
-    ecfg = encoder_train_preset(preset).replace(space=r["encoder_space"])
+    ecfg = encoder_train_preset(preset).replace(space=r["encoder_space"], **r["encoder_train"])
     stage("encoder", lambda run, cfg, res, k: train_encoder(
         gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k,
         encoder_overrides=r["encoder_overrides"], init_from=encoder_init),

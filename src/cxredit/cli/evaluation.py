@@ -137,12 +137,16 @@ def _add_make_weights(p: argparse.ArgumentParser) -> None:
                         "after the GAN was trained further; a W encoder may start a W+ one)")
     p.add_argument("--encoder-space", choices=("w", "w+"), default=None,
                    help="latent space the encoder predicts (default: the recipe's, w)")
+    p.add_argument("--encoder-set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a training field of a new encoder run, e.g. "
+                        "--encoder-set real_ssim=4 (repeatable; recorded in the recipe)")
     _add_runtime(p)
 
 
 @command("make-weights", "train G, E, segmenter and classifier on phantoms into a bundle")(
     _add_make_weights)
 def run_make_weights(args: argparse.Namespace) -> int:
+    from cxredit.config import EncoderTrainConfig, parse_overrides
     from cxredit.make_weights import make_weights
 
     lengths = {k: v for k, v in (("gan_kimg", args.gan_kimg), ("encoder_kimg", args.encoder_kimg),
@@ -150,6 +154,8 @@ def run_make_weights(args: argparse.Namespace) -> int:
                                  ("classifier_kimg", args.classifier_kimg),
                                  ("n_train", args.n_train),
                                  ("encoder_space", args.encoder_space)) if v is not None}
+    if args.encoder_set:
+        lengths["encoder_train"] = parse_overrides(args.encoder_set, EncoderTrainConfig)
     mf = make_weights(args.out, args.work, args.preset, device=args.device,
                       progress=not args.no_progress, encoder_init=args.encoder_init, **lengths)
     print(f"wrote {mf}")
