@@ -70,8 +70,20 @@ def test_health_lists_models_directions_and_limits(client, tiny_bundle):
     recorded = load_bundle(tiny_bundle, components=()).directions
     for d in h["directions"]:
         assert d["sigma"] == pytest.approx(recorded[d["name"]][1]["sigma"]) and d["sigma"] > 0
-    assert h["max_alpha"] == 10 and h["max_upload_mb"] == LIMIT_MB
+    widest = max(d["sigma"] for d in h["directions"])
+    assert h["max_alpha"] == max(10, 6 * widest) and h["max_upload_mb"] == LIMIT_MB
     assert h["encoder"] and h["segmenter"] and len(h["samples"]) == 6
+
+
+def test_default_max_alpha_covers_six_sigma_of_every_direction(tiny_bundle):
+    b = load_bundle(tiny_bundle, components=())
+    b.directions["pair"][1]["sigma"] = 4.8  # e.g. a W+ direction
+    for kw, want in (({}, 6 * 4.8), ({"max_alpha": 4}, 4)):
+        engine = EditEngine(b, **kw)
+        try:
+            assert engine.max_alpha == pytest.approx(want)
+        finally:
+            engine.close()
 
 
 def test_sample_encodes_and_alpha_zero_is_the_reconstruction(client, latent):
@@ -252,7 +264,7 @@ def test_concurrent_edits_equal_serial_ones(tiny_bundle):
 def test_cli_serve_defaults_and_call(monkeypatch, tiny_bundle):
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.max_upload_mb, args.max_alpha, args.weights) == \
-        ("127.0.0.1", 7860, 20.0, 10.0, "weights/demo")
+        ("127.0.0.1", 7860, 20.0, None, "weights/demo")
     seen = {}
     monkeypatch.setattr("cxredit.web.app.serve", lambda *a, **k: seen.update(a=a, k=k))
     assert main(["serve", "--weights", str(tiny_bundle), "--port", "9999",

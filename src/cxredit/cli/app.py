@@ -17,8 +17,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7860, help="TCP port")
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest upload accepted (bigger ones get HTTP 413)")
-    p.add_argument("--max-alpha", type=float, default=10.0,
-                   help="largest |alpha| of an edit (beyond it HTTP 422)")
+    p.add_argument("--max-alpha", type=float, default=None,
+                   help="largest |alpha| of an edit, beyond it HTTP 422 (default: the larger "
+                        "of 10 and 6 sigma of the widest direction)")
     p.add_argument("--max-project-steps", type=int, default=500,
                    help="largest number of projection steps per refine request")
     _add_runtime(p, progress=False)

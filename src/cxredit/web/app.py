@@ -136,7 +136,7 @@ async def _read_form(request: Request, max_bytes: int) -> tuple[bytes | None, st
 
 
 def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb: float = 20.0,
-               max_alpha: float = 10.0, max_project_steps: int = 500,
+               max_alpha: float | None = None, max_project_steps: int = 500,
                cache_size: int = 64) -> FastAPI:
     """The editing app for a weights bundle.
 
@@ -144,13 +144,15 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
         weights: bundle folder (e.g. "weights/demo") or a loaded `Bundle`.
         device: where the models run (None: cuda when available).
         max_upload_mb: largest upload; bigger requests get 413.
-        max_alpha: largest |alpha| of an edit; beyond it 422.
+        max_alpha: largest |alpha| of an edit, beyond it 422 (None: `EditEngine`'s default,
+            enough for +-6 sigma of every direction).
         max_project_steps: largest number of projection steps per request.
         cache_size: latents kept in memory (least recently used forgotten first).
     """
     from cxredit.bundle import Bundle, load_bundle
 
-    if max_upload_mb <= 0 or max_alpha <= 0 or max_project_steps < 1 or cache_size < 1:
+    if (max_upload_mb <= 0 or (max_alpha is not None and max_alpha <= 0)
+            or max_project_steps < 1 or cache_size < 1):
         raise ValueError("max_upload_mb and max_alpha must be > 0, max_project_steps and "
                          "cache_size >= 1")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -43,6 +43,7 @@ DIFF_RANGE = 0.25  # |edited - reconstruction| (in [0,1] grey units) shown at fu
 PROJECTION_SEED = 0  # projections are reproducible: same latent + steps -> same result
 # Built-in phantom samples: name -> (subject seed, cardiomegaly). The seeds lie far from the
 # training (1..) and demo test (900..) stores of `make_weights` / `demo`.
+SIGMA_SPAN = 6  # the page's slider spans +-6 sigma of a direction (app.js's SIGMA_SPAN)
 SAMPLES: dict[str, tuple[int, bool]] = {
     **{f"healthy-{i}": (50_000 + i, False) for i in range(1, 4)},
     **{f"cardiomegaly-{i}": (50_100 + i, True) for i in range(1, 4)},
@@ -156,7 +157,9 @@ class EditEngine:
 
     Args:
         bundle: a loaded `cxredit.bundle.Bundle` (G required; E, segmenter optional).
-        max_alpha: largest |alpha| an edit may use.
+        max_alpha: largest |alpha| an edit may use; None: the larger of 10 and
+            `SIGMA_SPAN` x the largest sigma of the directions (so that every direction can be
+            swept over +-SIGMA_SPAN sigma; W+ directions have sigmas of several units).
         max_steps: largest number of projection steps one request may ask for.
         cache_size: latents kept in memory (least recently used forgotten first).
         max_upload_bytes: largest upload accepted.
@@ -164,7 +167,7 @@ class EditEngine:
             image ("decompression bomb"), so the header is checked before decoding.
     """
 
-    def __init__(self, bundle, max_alpha: float = 10.0, max_steps: int = 500,
+    def __init__(self, bundle, max_alpha: float | None = None, max_steps: int = 500,
                  cache_size: int = 64, max_upload_bytes: int = 20 * 2**20,
                  max_pixels: int = 64_000_000) -> None:
         from cxredit.train.encoder import mean_w
@@ -173,10 +176,13 @@ class EditEngine:
         self.G, self.E, self.segmenter = bundle.G, bundle.E, bundle.segmenter
         self.resolution = bundle.resolution
         self.device = next(self.G.parameters()).device
-        self.max_alpha, self.max_steps = float(max_alpha), int(max_steps)
         self.max_upload_bytes, self.max_pixels = int(max_upload_bytes), int(max_pixels)
         self.directions = {name: (torch.from_numpy(np.asarray(v, np.float32)).to(self.device),
                                   side) for name, (v, side) in bundle.directions.items()}
+        if max_alpha is None:
+            sigmas = [_positive(side.get("sigma")) for _, side in self.directions.values()]
+            max_alpha = max([10.0] + [SIGMA_SPAN * s for s in sigmas if s is not None])
+        self.max_alpha, self.max_steps = float(max_alpha), int(max_steps)
         self._lock = threading.RLock()  # model calls
         self._state = threading.Lock()  # latents / jobs dicts
         self._latents = _LRU(cache_size)
