@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -45,6 +47,10 @@ def test_checkpoint_roundtrip_restores_optimizer_exactly(tmp_path):
     assert js.name == "ckpt-000007.json"
     assert (tmp_path / "ck" / "ckpt-000007.safetensors").exists()
     assert not list((tmp_path / "ck").glob("*.tmp"))
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for f in (js, js.with_suffix(".safetensors")):  # readable as the umask allows, not 0600
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
     back = load_checkpoint(js, kind="test")
     assert back["step"] == 7 and back["config"] == {"w_dim": 64, "name": "tiny"}
     assert torch.equal(back["rng"], torch.get_rng_state())

@@ -93,6 +93,12 @@ def _paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -> Path:
     """Write `state` as `path.safetensors` + `path.json`, atomically.
 
@@ -112,6 +118,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], kind: str) -
     # One metadata entry: safetensors keeps metadata in a hash map whose order varies between
     # calls, and two entries would make identical weights hash differently.
     save_file(tensors, str(tmp_st), metadata={"format": f"cxredit.{kind}"})
+    os.chmod(tmp_st, 0o666 & ~_umask())  # safetensors creates its file 0600; honour the umask
     digest = sha256_file(tmp_st)
     os.replace(tmp_st, st_path)
     doc = {"format": "cxredit.checkpoint", "format_version": FORMAT_VERSION, "kind": kind,
