@@ -47,7 +47,7 @@ def test_demo_without_weights_says_how_to_make_them(tmp_path, capsys):
 
 def test_demo_with_a_wplus_encoder(tmp_path_factory, capsys):
     """A bundle whose E predicts W+ (started from a W encoder) runs the whole demo: W+
-    latents, W+ directions (pair and LDA) and edits along them."""
+    latents, W+ pair directions, a W LDA direction (of the layer means), edits along them."""
     import numpy as np
 
     from conftest import build_tiny_bundle
@@ -63,7 +63,8 @@ def test_demo_with_a_wplus_encoder(tmp_path_factory, capsys):
     assert "cxredit demo ->" in capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     files = m["directions"]["files"]  # the demo's own direction in out, the bundle's in it
-    for v in (np.load(out / files["pair_demo"])["v"], np.load(bundle / files["lda"])["v"]):
-        assert v.shape == (b.G.num_ws, b.G.w_dim)
+    assert np.load(out / files["pair_demo"])["v"].shape == (b.G.num_ws, b.G.w_dim)
+    assert np.load(bundle / files["lda"])["v"].shape == (b.G.w_dim,)
+    assert len(m["edit"]["compare"]["lda"]["ctr_mean"]) == 7  # a W edit of W+ latents
     assert np.isfinite(m["reconstruction"]["encoder"]["ssim"])
     assert len(m["edit"]["ctr_mean"]) == 7 and np.isfinite(m["edit"]["ctr_mean"]).all()

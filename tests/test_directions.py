@@ -142,7 +142,11 @@ def test_compare_matrix(tmp_path):
     assert m[0, 2] == pytest.approx(float(vs[0] @ vs[2]), abs=1e-6)
     table = format_compare(paths, m)
     assert "d0" in table and "d2" in table and len(table.splitlines()) == 4
-    save_direction(tmp_path / "other.npz", np.ones((2, 16)), {"method": "mean"})
+    # a W direction against a W+ one: the cosine of the displacements they make
+    save_direction(tmp_path / "wplus.npz", np.stack([vs[0], vs[1]]), {"method": "mean"})
+    mixed = compare([paths[0], tmp_path / "wplus.npz"])
+    assert mixed[0, 1] == pytest.approx(float(1 + vs[0] @ vs[1]) / 2, abs=1e-6)
+    save_direction(tmp_path / "other.npz", np.ones((2, 12)), {"method": "mean"})
     with pytest.raises(ValueError, match="shapes"):
         compare([paths[0], tmp_path / "other.npz"])
 
@@ -235,3 +239,15 @@ def test_sigma_along_w_and_w_plus():
     assert sigma_along(wp, v) == pytest.approx(wp.mean(1)[:, 0].std())
     assert sigma_along(wp, np.tile(v, (4, 1)) / 2) == pytest.approx(
         (wp.reshape(200, -1) @ (np.tile(v, (4, 1)) / 2).ravel()).std())
+
+
+def test_cosine_of_a_w_and_a_w_plus_direction_is_that_of_their_displacements():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=8)
+    vp = rng.normal(size=(4, 8))
+    want = float(np.tile(v, (4, 1)).ravel() @ vp.ravel()
+                 / np.linalg.norm(np.tile(v, (4, 1))) / np.linalg.norm(vp))
+    assert cosine(v, vp) == pytest.approx(want) and cosine(vp, v) == pytest.approx(want)
+    assert cosine(v, np.tile(v, (4, 1))) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="cannot compare"):
+        cosine(v, rng.normal(size=(4, 6)))

@@ -400,7 +400,7 @@ def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
                 alpha_unit="sigma_v")
     edit["compare"] = {}
     for name, (v_other, _) in b.directions.items():  # the same sweep along every direction
-        if name == direction or v_other.shape != v_np.shape:
+        if name == direction:  # (W and W+ directions mix: apply_direction broadcasts)
             continue
         vo = torch.from_numpy(v_other)
         so = sigma_along(pool.numpy(), v_other)

@@ -81,7 +81,11 @@ def pair_images(n: int, resolution: int, seed: int = DIRECTION_SEED, scale: floa
 
 def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out: Path,
                     lda_images: int = 2000, device: str | torch.device = "cpu") -> dict:
-    """Fit "pair" (one pair, as in the paper), "pair16" and "lda" directions into `out`."""
+    """Fit "pair" (one pair, as in the paper), "pair16" and "lda" directions into `out`.
+
+    With a W+ encoder the pair directions are W+ ([num_ws, w_dim]) and "lda" is a W direction
+    fitted to the layer means.
+    """
     from cxredit.checkpoint import checkpoint_sha256
     from cxredit.data.store import ImageStore
     from cxredit.latent.directions import lda_direction, pair_direction, save_direction, sigma_along
@@ -103,8 +107,14 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
           "pair16": (pair_direction(wI, wS),
                      {"method": "pair", "inputs": {"phantom_seed": DIRECTION_SEED, "pairs": 16,
                                                    "warp_scale": 1.3}}),
-          "lda": (lda_direction(w, lab[rows].astype(int), shrinkage="auto"),
-                  {"method": "lda", "inputs": {"store": str(store), "images": int(len(rows))}})}
+          # W+ latents: LDA of each image's mean over layers (as `separability` measures
+          # them), a W direction applied to every layer; LDA of the flattened 10x larger W+
+          # is dominated by noise directions at 2,000 images
+          "lda": (lda_direction(w.mean(1) if w.ndim == 3 else w, lab[rows].astype(int),
+                                shrinkage="auto"),
+                  {"method": "lda", "inputs": {"store": str(store), "images": int(len(rows)),
+                                               "latent": "W+ mean over layers" if w.ndim == 3
+                                               else "W"}})}
     paths = {}
     for name, (v, info) in vs.items():
         # sigma: std of the training latents along v, a natural unit for edit strengths

@@ -204,8 +204,16 @@ def sigma_along(latents, v) -> float:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Cosine similarity of two directions of the same shape (flattened)."""
+    """Cosine similarity of two directions (flattened).
+
+    A W direction [w_dim] against a W+ one [num_ws, w_dim] is taken as the W+ displacement it
+    makes, v on every layer (see `cxredit.latent.edit.apply_direction`).
+    """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.ndim == 1 and b.ndim == 2 and a.shape[0] == b.shape[1]:
+        a = np.broadcast_to(a, b.shape)
+    elif b.ndim == 1 and a.ndim == 2 and b.shape[0] == a.shape[1]:
+        b = np.broadcast_to(b, a.shape)
     if a.shape != b.shape:
         raise ValueError(f"cannot compare directions of shapes {list(a.shape)} and "
                          f"{list(b.shape)}")
