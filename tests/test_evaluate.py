@@ -98,3 +98,23 @@ def test_evaluate_projection_in_w_plus(tiny_bundle, tmp_path):
         assert str(z["space"]) == "w" and z["w"].ndim == 2
     m = json.loads((out / "metrics.json").read_text())
     assert m["reconstruction"]["projection"]["space"] == "w"
+    # a finished row is reused only if it started from the same latent with the same G:
+    # mark rows 0 and 1 as projected to zeros, row 0 from another start
+    part = out / "projection.partial.npz"
+
+    def tamper(**changes):
+        with np.load(part) as z:
+            d = {k: z[k] for k in z.files}
+        d["w"][:2] = 0
+        d["init"][0] += 1
+        d.update(changes)
+        np.savez(part, **d)
+
+    tamper()
+    assert main(args + ["--project-space", "w"]) == 0
+    with np.load(part) as z:
+        assert z["w"][0].any() and not z["w"][1].any()  # row 0 projected again, row 1 reused
+    tamper(generator=np.asarray("another"))
+    assert main(args + ["--project-space", "w"]) == 0
+    with np.load(part) as z:
+        assert z["w"][0].any() and z["w"][1].any()  # another G: nothing reused

@@ -99,23 +99,29 @@ def _synth(G, w: torch.Tensor, batch: int = 64) -> torch.Tensor:
 
 def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: int,
              partial: Path, batch: int, progress: bool, space: str,
-             noise: float) -> torch.Tensor:
+             noise: float, generator: str) -> torch.Tensor:
     """Projected latents of `x` (resumed from `partial`: finished batches are kept).
 
     `space` "w" gives [N, w_dim], "w+" [N, num_ws, w_dim]; `noise` is the projection's
-    initial latent-noise factor. A partial file made with other settings is ignored.
+    initial latent-noise factor; `generator` G's sha256. A partial file made with other
+    settings or another G is ignored, and a finished row is reused only if it started from
+    the same latent (so new encoder weights project again).
     """
     from tqdm.auto import tqdm
 
     from cxredit.latent.project import NOISE_FACTOR, project_images
 
-    done: dict[int, np.ndarray] = {}
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (projection, its start)
+    init_np = init.detach().cpu().numpy()
     if partial.exists():
         with np.load(partial) as z:
             same = (int(z["steps"]) == steps and str(z.get("space", "w")) == space
-                    and float(z.get("noise", NOISE_FACTOR)) == noise)
+                    and float(z.get("noise", NOISE_FACTOR)) == noise
+                    and str(z.get("generator", "")) == generator and "init" in z)
             if same:
-                done = dict(zip(z["rows"].tolist(), z["w"]))
+                start = {int(r): i for r, i in zip(rows, init_np)}
+                done = {r: (w, i) for r, w, i in zip(z["rows"].tolist(), z["w"], z["init"])
+                        if r in start and np.array_equal(i, start[r])}
     dev = next(G.parameters()).device
     todo = [i for i, r in enumerate(rows) if int(r) not in done]
     for s in tqdm(range(0, len(todo), batch), disable=not progress, desc="project",
@@ -124,13 +130,15 @@ def _project(G, x: torch.Tensor, init: torch.Tensor, rows: np.ndarray, steps: in
         out = project_images(G, x[idx].to(dev), space=space, init=init[idx].to(dev),
                              steps=steps, initial_noise_factor=noise,
                              seeds=[int(rows[i]) for i in idx])
-        done.update({int(rows[i]): w for i, w in zip(idx, out["w"].cpu().numpy())})
+        done.update({int(rows[i]): (w, init_np[i])
+                     for i, w in zip(idx, out["w"].cpu().numpy())})
         keys = sorted(done)
         tmp = partial.with_name(partial.stem + ".tmp.npz")
-        np.savez(tmp, rows=np.asarray(keys), w=np.stack([done[k] for k in keys]), steps=steps,
-                 space=space, noise=noise)
+        np.savez(tmp, rows=np.asarray(keys), w=np.stack([done[k][0] for k in keys]),
+                 init=np.stack([done[k][1] for k in keys]), steps=steps, space=space,
+                 noise=noise, generator=generator)
         os.replace(tmp, partial)
-    return torch.from_numpy(np.stack([done[int(r)] for r in rows]))
+    return torch.from_numpy(np.stack([done[int(r)][0] for r in rows]))
 
 
 def evaluate(out: str | os.PathLike, data: str | os.PathLike,
@@ -284,7 +292,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
             b.G.mapping.w_avg.detach().cpu().expand(len(proj_idx), -1)
         noise = 0.0 if w_enc is not None else NOISE_FACTOR
         w_proj = _project(b.G, x[proj_idx], init, rows[proj_idx], project_steps,
-                          out / "projection.partial.npz", 16, progress, project_space, noise)
+                          out / "projection.partial.npz", 16, progress, project_space, noise,
+                          b.generator_sha256)
         rec_proj = _synth(b.G, w_proj)
         m["reconstruction"]["projection"] = _means(
             recon_metrics(rec_proj, x[proj_idx]), n=len(proj_idx), steps=project_steps,
