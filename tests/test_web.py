@@ -344,10 +344,10 @@ def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
 
                 # the slider counts in sigma of "pair": its range is the smaller of 6 sigma
                 # and the server's raw limit, and the request carries alpha = s * sigma
-                sigma = next(d["sigma"] for d in httpx.get(base + "/api/health").json()
-                             ["directions"] if d["name"] == "pair")
+                health = httpx.get(base + "/api/health").json()
+                sigma = next(d["sigma"] for d in health["directions"] if d["name"] == "pair")
                 span = float(page.get_attribute("#alpha", "max"))
-                assert span == pytest.approx(min(6.0, 10 / sigma), abs=0.1)
+                assert span == pytest.approx(min(6.0, health["max_alpha"] / sigma), abs=0.1)
                 src, ctr = slide(min(4.0, span))
                 assert src != src0, "the edited image did not change with alpha"
                 raw = float(page.get_attribute("#img-edit", "data-alpha-raw"))
