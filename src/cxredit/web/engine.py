@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 DIFF_RANGE = 0.25  # |edited - reconstruction| (in [0,1] grey units) shown at full colour
 PROJECTION_SEED = 0  # projections are reproducible: same latent + steps -> same result
+SIGMA_SPAN = 6  # the page's slider spans +-6 sigma of a direction (app.js's SIGMA_SPAN)
 # Built-in phantom samples: name -> (subject seed, cardiomegaly). The seeds lie far from the
 # training (1..) and demo test (900..) stores of `make_weights` / `demo`.
-SIGMA_SPAN = 6  # the page's slider spans +-6 sigma of a direction (app.js's SIGMA_SPAN)
 SAMPLES: dict[str, tuple[int, bool]] = {
     **{f"healthy-{i}": (50_000 + i, False) for i in range(1, 4)},
     **{f"cardiomegaly-{i}": (50_100 + i, True) for i in range(1, 4)},
