@@ -318,8 +318,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     if w_proj is not None and lab[proj_idx].sum() >= 5 and (~lab[proj_idx]).sum() >= 5:
         spaces.append(("projection", w_proj, lab[proj_idx]))
     for i, (name, w_s, y_s) in enumerate(spaces):
-        w2 = w_s.mean(1) if w_s.ndim == 3 else w_s  # W+: each image's mean over layers
-        sep = separability(w2.numpy(), y_s, shrinkage="auto")
+        sep = separability(w_s.numpy(), y_s, shrinkage="auto")  # W+: mean over layers
         m["separability"][name] = {**scalars(sep), "n_pos": int(y_s.sum()),
                                    "n_neg": int((~y_s).sum()),
                                    "latent": "W+ mean over layers" if w_s.ndim == 3 else "W"}

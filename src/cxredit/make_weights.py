@@ -89,6 +89,7 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
     from cxredit.checkpoint import checkpoint_sha256
     from cxredit.data.store import ImageStore
     from cxredit.latent.directions import lda_direction, pair_direction, save_direction, sigma_along
+    from cxredit.latent.separability import as_features
     from cxredit.runs import find_checkpoint
     from cxredit.train.encoder import load_encoder
 
@@ -110,7 +111,7 @@ def make_directions(encoder: str | Path, gan: str | Path, store: str | Path, out
           # W+ latents: LDA of each image's mean over layers (as `separability` measures
           # them), a W direction applied to every layer; LDA of the flattened 10x larger W+
           # is dominated by noise directions at 2,000 images
-          "lda": (lda_direction(w.mean(1) if w.ndim == 3 else w, lab[rows].astype(int),
+          "lda": (lda_direction(as_features(w, "mean"), lab[rows].astype(int),
                                 shrinkage="auto"),
                   {"method": "lda", "inputs": {"store": str(store), "images": int(len(rows)),
                                                "latent": "W+ mean over layers" if w.ndim == 3
