@@ -77,10 +77,14 @@ def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     assert set(b.directions) == {"pair", "pair16", "lda"}
     rec = b.manifest["recipe"]
     assert rec["preset"] == "tiny" and rec["n_train"] == 48
-    assert set(b.manifest["seconds"]) == {"generator", "encoder", "segmenter", "classifier"}
+    secs = b.manifest["seconds"]
+    assert set(secs) == {"generator", "encoder", "segmenter", "classifier"}
+    assert all(v > 0 for v in secs.values())
     sha = b.generator_sha256
     assert main(args) == 0  # every stage is finished: the same generator is exported again
-    assert load_bundle(tmp_path / "w").generator_sha256 == sha
+    again = load_bundle(tmp_path / "w")
+    assert again.generator_sha256 == sha
+    assert again.manifest["seconds"] == secs  # the stages' training time, not this call's
     # a W+ encoder started from the W one, the other stages reused (linked) from the first work
     (tmp_path / "wp").mkdir()
     for stage in ("train_store", "gan", "segmenter", "classifier"):

@@ -58,3 +58,17 @@ def test_run_folder_prune_stats_and_lookup(tmp_path):
     assert [r["step"] for r in run.read_stats()] == [10, 20, 30]
     with pytest.raises(RunError, match="not found"):
         find_checkpoint(tmp_path / "missing.json")
+
+
+def test_train_seconds_sums_kept_ticks(tmp_path):
+    run = Run(tmp_path / "r")
+    run.write_config({}, kind="gan")
+    assert run.train_seconds() == 0.0
+    for step, kimg, spk in [(10, 0.5, 4.0), (20, 1.0, 2.0), (30, 2.0, 3.0)]:
+        run.log({"step": step, "kimg": kimg, "sec_per_kimg": spk})
+    run.log({"step": 30, "eval/ssim": 0.5})  # lines without timing are ignored
+    assert run.train_seconds() == pytest.approx(0.5 * 4 + 0.5 * 2 + 1.0 * 3)
+    # a crash after step 20, resumed from there: the lost tick is dropped, its redo counted once
+    run.truncate_stats(20)
+    run.log({"step": 30, "kimg": 2.0, "sec_per_kimg": 5.0})
+    assert run.train_seconds() == pytest.approx(0.5 * 4 + 0.5 * 2 + 1.0 * 5)

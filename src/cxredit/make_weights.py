@@ -170,14 +170,13 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     if not (store / "store.json").exists():
         make_phantom_store(store, r["n_train"], gcfg.resolution, 0.5, TRAIN_SEED,
                            progress=progress)
-    timings = {}
+    timings = {}  # training wall time of each stage over all calls (from its stats.jsonl)
 
     def stage(name: str, fn, run: Path, cfg, kimg: float) -> None:
-        t = time.time()
         resume = _resumable(run)
         log.info("make-weights: %s (%s kimg)%s", name, kimg, " - continuing" if resume else "")
         fn(run, None if resume else cfg.replace(kimg=kimg), resume, kimg if resume else None)
-        timings[name] = round(time.time() - t, 1)
+        timings[name] = round(Run(run, resume=True).train_seconds(), 1)
 
     gan = work / "gan"
     stage("generator", lambda run, cfg, res, k: train_gan(
@@ -208,5 +207,6 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
               **r}
     manifest = export_bundle(out, gan, work / "encoder", work / "segmenter", work / "classifier",
                              dirs, info={"recipe": recipe, "seconds": timings})
-    log.info("make-weights: %s in %.0f s: %s", out, time.time() - t0, json.dumps(timings))
+    log.info("make-weights: %s in %.0f s (training, all calls: %s)", out, time.time() - t0,
+             json.dumps(timings))
     return manifest

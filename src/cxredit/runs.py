@@ -87,6 +87,17 @@ class Run:
             return []
         return [json.loads(ln) for ln in self.stats_path.read_text().splitlines() if ln.strip()]
 
+    def train_seconds(self) -> float:
+        """Wall time the run's kept training took, over all its resumes: the sum of each
+        logged tick's sec_per_kimg x the kimg it covered. Work lost to a crash and redone after
+        a resume is counted once (its lines were dropped by `truncate_stats`)."""
+        total, prev = 0.0, 0.0
+        for rec in self.read_stats():
+            if "sec_per_kimg" in rec and "kimg" in rec:
+                total += rec["sec_per_kimg"] * max(rec["kimg"] - prev, 0.0)
+                prev = rec["kimg"]
+        return total
+
     def checkpoint_path(self, step: int) -> Path:
         """Path (without suffix) of the checkpoint at `step`."""
         return self.ckpt_dir / f"ckpt-{step:08d}"
