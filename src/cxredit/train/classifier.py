@@ -29,7 +29,7 @@ from cxredit.models.classifier import ARCHS, Classifier, ClassifierConfig
 from cxredit.runs import Run, save_image_grid
 from cxredit.train import distributed as dist
 from cxredit.train.augment import AugmentPipe
-from cxredit.train.loop import Trainer, load_net
+from cxredit.train.loop import SingleNetTrainer, eval_batches, load_net, open_run
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _require_both_classes(store: ImageStore, y: np.ndarray, rows: np.ndarray, co
     return n_pos, n_neg
 
 
-class ClassifierTrainer(Trainer):
+class ClassifierTrainer(SingleNetTrainer):
     """The classifier, its optimizer, augmentation and one supervised step (loop in `Trainer`).
 
     Args:
@@ -173,16 +173,6 @@ class ClassifierTrainer(Trainer):
         self.accumulate("train/acc", ((logits > 0).float() == y).float().mean())
         self.opt_step(self.net, self.opt, loss)
 
-    def state_dict(self) -> dict:
-        return {"config": self.cfg.to_dict(), "step": self.step, "nimg": self.nimg,
-                "net_config": self.net.config, "net": self.net.state_dict(),
-                "opt": self.opt.state_dict(), "data": str(self.store.root)}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.net.load_state_dict(st["net"])
-        self.opt.load_state_dict(st["opt"])
-        self.step = int(st["step"])
-
     def _score_val(self) -> np.ndarray:
         return predict_proba(self.net, self.store.tensor(self.val_rows))
 
@@ -229,14 +219,7 @@ def predict_proba(clf: Classifier, images, batch: int = 64) -> np.ndarray:
     x = torch.as_tensor(images, dtype=torch.float32)
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"predict_proba expects images [N,1,R,R], got {list(x.shape)}")
-    dev = next(clf.parameters()).device
-    was_training = clf.training
-    clf.eval()
-    try:
-        out = [torch.sigmoid(clf(x[i:i + batch].to(dev))).float().cpu()
-               for i in range(0, len(x), batch)]
-    finally:
-        clf.train(was_training)
+    out = eval_batches(clf, x, batch, lambda logits: torch.sigmoid(logits).float())
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
@@ -277,16 +260,7 @@ def train_classifier(data: str | Path, out: str | Path, cfg: ClassifierTrainConf
         raise ValueError(f"{store.root}: {e}") from None
     info = dist.setup(device)
     try:
-        run = None
-        if resume:
-            run = Run(out, resume=True) if info.is_main else None
-        else:
-            if info.is_main:
-                run = Run(out)
-                run.write_config(cfg.to_dict(), kind=CKPT_KIND,
-                                 extra={"data": str(Path(data).resolve()),
-                                        "world_size": info.world_size})
-            dist.barrier()
+        run = open_run(out, cfg, CKPT_KIND, data, resume, info)
         trainer = ClassifierTrainer(cfg, store, run, info.device, progress=progress)
         if resume:
             trainer.resume_latest(out)

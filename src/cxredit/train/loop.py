@@ -233,6 +233,53 @@ class Trainer:
         return path
 
 
+class SingleNetTrainer(Trainer):
+    """A `Trainer` of one network `self.net` with one optimizer `self.opt` (the segmenter and
+    the classifier): what their checkpoints hold."""
+
+    def state_dict(self) -> dict:
+        return {"config": self.cfg.to_dict(), "step": self.step, "nimg": self.nimg,
+                "net_config": self.net.config, "net": self.net.state_dict(),
+                "opt": self.opt.state_dict(), "data": str(self.store.root)}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.net.load_state_dict(st["net"])
+        self.opt.load_state_dict(st["opt"])
+        self.step = int(st["step"])
+
+
+def open_run(out: str | Path, cfg, kind: str, data: str | Path, resume: bool,
+             info: dist.DistInfo) -> Run | None:
+    """The run folder of a supervised training job on this rank: rank 0 opens `out` (a new one
+    gets config.json with the resolved config, the data path and the world size); the other
+    ranks get None. All ranks wait until the folder exists."""
+    run = None
+    if resume:
+        run = Run(out, resume=True) if info.is_main else None
+    else:
+        if info.is_main:
+            run = Run(out)
+            run.write_config(cfg.to_dict(), kind=kind,
+                             extra={"data": str(Path(data).resolve()),
+                                    "world_size": info.world_size})
+        dist.barrier()
+    return run
+
+
+@torch.no_grad()
+def eval_batches(net: torch.nn.Module, images, batch: int, fn) -> list[torch.Tensor]:
+    """`fn(net(chunk))` on the CPU for chunks of `batch` images, with `net` in eval mode (its
+    mode is restored afterwards). images: [N,...] tensor or array, moved to `net`'s device."""
+    x = torch.as_tensor(images, dtype=torch.float32)
+    dev = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        return [fn(net(x[i:i + batch].to(dev))).cpu() for i in range(0, len(x), batch)]
+    finally:
+        net.train(was_training)
+
+
 def load_net(path, kind: str, cls, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild a single-network model (`net_config` + `net` entries) from a checkpoint or run
     folder, in eval mode without gradients; only those two entries are read."""

@@ -23,7 +23,7 @@ from cxredit.metrics.ctr import dice
 from cxredit.models.segmenter import Segmenter, SegmenterConfig
 from cxredit.runs import Run, save_image_grid
 from cxredit.train import distributed as dist
-from cxredit.train.loop import Trainer, load_net
+from cxredit.train.loop import SingleNetTrainer, eval_batches, load_net, open_run
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _require_masks(store: ImageStore) -> None:
                          "with mask_heart/mask_right_lung/mask_left_lung columns in --labels-csv)")
 
 
-class SegmenterTrainer(Trainer):
+class SegmenterTrainer(SingleNetTrainer):
     """The segmenter, its optimizer and one supervised step (loop in `Trainer`).
 
     Args:
@@ -120,16 +120,6 @@ class SegmenterTrainer(Trainer):
             self.accumulate(k, v)
         self.opt_step(self.net, self.opt, loss)
 
-    def state_dict(self) -> dict:
-        return {"config": self.cfg.to_dict(), "step": self.step, "nimg": self.nimg,
-                "net_config": self.net.config, "net": self.net.state_dict(),
-                "opt": self.opt.state_dict(), "data": str(self.store.root)}
-
-    def load_state_dict(self, st: dict) -> None:
-        self.net.load_state_dict(st["net"])
-        self.opt.load_state_dict(st["opt"])
-        self.step = int(st["step"])
-
     def evaluate(self) -> dict[str, float]:
         """Mean Dice per mask on the validation rows (thresholded predictions)."""
         rows = self.val_rows
@@ -163,16 +153,8 @@ def predict_masks(segmenter: Segmenter, images, batch: int = 64,
     Returns:
         bool [N,3,R,R] on the CPU (heart, right lung, left lung).
     """
-    x = torch.as_tensor(images, dtype=torch.float32)
-    dev = next(segmenter.parameters()).device
-    was_training = segmenter.training
-    segmenter.eval()
-    try:
-        logit_t = float(np.log(threshold / (1 - threshold)))  # sigmoid(l) > t  <=>  l > logit(t)
-        out = [segmenter(x[i:i + batch].to(dev)).gt(logit_t).cpu()
-               for i in range(0, len(x), batch)]
-    finally:
-        segmenter.train(was_training)
+    logit_t = float(np.log(threshold / (1 - threshold)))  # sigmoid(l) > t  <=>  l > logit(t)
+    out = eval_batches(segmenter, images, batch, lambda logits: logits.gt(logit_t))
     R = segmenter.resolution
     return torch.cat(out) if out else torch.zeros(0, 3, R, R, dtype=torch.bool)
 
@@ -203,23 +185,12 @@ def train_segmenter(data: str | Path, out: str | Path, cfg: SegmenterTrainConfig
     _require_masks(store)  # before any run folder is created
     info = dist.setup(device)
     try:
-        run = None
         if resume:
-            doc = Run(out, resume=True).read_config()
-            cfg = SegmenterTrainConfig.from_dict(doc["config"])
-            if kimg is not None:
-                cfg = cfg.replace(kimg=kimg)
-            run = Run(out, resume=True) if info.is_main else None
-        else:
-            cfg = cfg or SegmenterTrainConfig()
-            if kimg is not None:
-                cfg = cfg.replace(kimg=kimg)
-            if info.is_main:
-                run = Run(out)
-                run.write_config(cfg.to_dict(), kind=CKPT_KIND,
-                                 extra={"data": str(Path(data).resolve()),
-                                        "world_size": info.world_size})
-            dist.barrier()
+            cfg = SegmenterTrainConfig.from_dict(Run(out, resume=True).read_config()["config"])
+        cfg = cfg or SegmenterTrainConfig()
+        if kimg is not None:
+            cfg = cfg.replace(kimg=kimg)
+        run = open_run(out, cfg, CKPT_KIND, data, resume, info)
         trainer = SegmenterTrainer(cfg, store, run, info.device, progress=progress)
         if resume:
             trainer.resume_latest(out)
