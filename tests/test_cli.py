@@ -43,6 +43,20 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path, capsys):
                  "--set", "bogus=1"]) == 2
     assert "bogus" in capsys.readouterr().err
     assert main(["nonsense"]) == 2
+    capsys.readouterr()
+    for bad, words in ((["--limit", "-1"], "--limit must be at least 1"),
+                       (["--views", " , "], "names no view")):
+        assert main(["prepare", "folder", "--root", str(tmp_path), "--out",
+                     str(tmp_path / "s"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err
+    # a damaged store: the error names the file
+    (tmp_path / "st").mkdir()
+    for text in ("{", "[1]", '{"format_version": 1}'):
+        (tmp_path / "st" / "store.json").write_text(text)
+        assert main(["info", str(tmp_path / "st")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(tmp_path / "st" / "store.json") in err
 
 
 def test_console_script_entry_point_runs():

@@ -205,6 +205,39 @@ def test_dicom_jpeg_baseline_reads(tmp_path):
     assert np.abs(img * 255 - gray).max() <= 3
 
 
+def test_corrupt_compressed_dicom_is_one_line_without_library_tracebacks(tmp_path, caplog):
+    path, gray = _jpeg_dicom(tmp_path)
+    ds = pydicom.dcmread(path)
+    frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = pydicom.encaps.encapsulate([frame[: len(frame) // 3]])
+    ds.save_as(path)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(XrayReadError, match="cannot decode pixel data") as info:
+            read_xray(path)
+    assert "\n" not in str(info.value)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+    assert logging.getLogger("pydicom").level != logging.CRITICAL  # restored
+
+
+def test_folder_takes_the_view_from_dicom_headers(tmp_path):
+    from cxredit.data.sources import filter_views, index_folder
+
+    px = np.zeros((8, 8), np.uint16)
+    make_dicom(tmp_path / "a_pa.dcm", px, ViewPosition="PA")
+    make_dicom(tmp_path / "b_ll.dcm", px, ViewPosition="ll")
+    code = Dataset()
+    code.CodeMeaning = "left lateral"
+    make_dicom(tmp_path / "c_coded.dcm", px, ViewPosition="", ViewCodeSequence=Sequence([code]))
+    make_dicom(tmp_path / "d_none.dcm", px)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "e.png")
+    df = index_folder(tmp_path)
+    assert df["view"].tolist() == ["PA", "LL", "LL", "", ""]
+    assert filter_views(df)["patient_id"].tolist() == ["a_pa", "d_none", "e"]
+    # a view from the labels CSV wins over the header
+    (tmp_path / "l.csv").write_text("file,view\nb_ll.dcm,AP\n")
+    assert index_folder(tmp_path, tmp_path / "l.csv")["view"].tolist()[:2] == ["PA", "AP"]
+
+
 def test_dicom_missing_decoder_message(tmp_path, monkeypatch):
     from pydicom.pixels.decoders.base import get_decoder
 

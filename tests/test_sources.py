@@ -122,6 +122,23 @@ def test_chexpert_errors(tmp_path, chexpert):
         index_chexpert(bad)
 
 
+@pytest.mark.parametrize("column, value, expect", [
+    ("Path", "", r"row 2 .*column 'Path' holds a blank; expected <split>/<patient>"),
+    ("Path", "patient00001t/view1.jpg", r"row 2 .*'patient00001t/view1.jpg'"),
+    ("Cardiomegaly", "yes", r"row 2 .*column 'Cardiomegaly' holds 'yes'; expected 1, 0, -1"),
+    ("Cardiomegaly", "2", r"column 'Cardiomegaly' holds 2;"),
+    ("Age", "old", r"column 'Age' holds 'old'; expected a number"),
+])
+def test_chexpert_bad_cells_name_file_row_and_column(chexpert, column, value, expect):
+    csv = chexpert / "CheXpert-v1.0-small" / "train.csv"
+    df = pd.read_csv(csv, dtype=str)
+    df.loc[1, column] = value
+    df.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match=expect) as info:
+        index_chexpert(chexpert)
+    assert str(info.value).startswith("CheXpert: " + str(csv)) and "\n" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------- MIMIC
 
 MIMIC_META = """\
@@ -188,6 +205,19 @@ def test_mimic_optional_split_and_patients(mimic):
     assert df["official_split"][[1, 3]].isna().all()
     assert df["sex"].tolist() == ["F", "F", "M", ""]
     np.testing.assert_array_equal(df["age"], [52, 52, 86, NAN])
+
+
+def test_mimic_and_nih_blank_ids_name_file_and_row(mimic, tmp_path):
+    (mimic / "mimic-cxr-2.0.0-chexpert.csv").write_text(MIMIC_LABELS.replace("10000764,", ",", 1))
+    with pytest.raises(ValueError, match=r"chexpert.csv, row 2 .*'subject_id' holds a blank; "
+                                         r"expected a whole number"):
+        index_mimic(mimic)
+    nih = tmp_path / "nih"
+    nih.mkdir()
+    rows = [*NIH_ROWS[:2], NIH_ROWS[2].replace(",0,2,81,", ",0,,81,")]
+    (nih / "Data_Entry_2017.csv").write_text("\n".join([NIH_HEADER, *rows]))
+    with pytest.raises(ValueError, match=r"Data_Entry_2017.csv, row 3 .*'Patient ID'"):
+        index_nih(nih)
 
 
 def test_mimic_missing_csv(tmp_path):

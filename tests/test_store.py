@@ -183,3 +183,28 @@ def test_phantoms_cli_writes_an_ordinary_store_with_masks(tmp_path):
     assert heart_w[m["Cardiomegaly"] == 1].mean() > heart_w[m["Cardiomegaly"] == 0].mean()
     assert a.dataset(with_masks=True)[0]["masks"].shape == (3, 32, 32)
     assert main(["phantoms", "--out", str(tmp_path / "d"), "--n", "0"]) == 2
+
+
+def test_phantoms_resume_refuses_other_generator_settings(tmp_path, monkeypatch):
+    import cxredit.data.prepare as prep
+
+    real = prep.render_chunk
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "render_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prep.make_phantom_store(tmp_path / "p", 8, 16, 0.0, device_probs=(0.0, 0.0),
+                                progress=False)
+    monkeypatch.setattr(prep, "render_chunk", real)
+    # same images and size, other labels / confounders: not the same preparation
+    with pytest.raises(StoreError, match=r"cardiomegaly_fraction \(was 0.0\)"):
+        prep.make_phantom_store(tmp_path / "p", 8, 16, 1.0, device_probs=(0.0, 0.0),
+                                progress=False)
+    with pytest.raises(StoreError, match=r"device_probs \(was \[0.0, 0.0\]\)"):
+        prep.make_phantom_store(tmp_path / "p", 8, 16, 0.0, device_probs=(1.0, 1.0),
+                                progress=False)
+    res = prep.make_phantom_store(tmp_path / "p", 8, 16, 0.0, device_probs=(0.0, 0.0),
+                                  progress=False)
+    assert res.resumed and ImageStore(tmp_path / "p").meta["Cardiomegaly"].sum() == 0

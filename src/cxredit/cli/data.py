@@ -37,11 +37,16 @@ def run_prepare(args: argparse.Namespace) -> int:
     from cxredit.data.prepare import prepare_store
     from cxredit.data.sources import apply_uncertain, filter_views, index_source, query
 
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    views = None if args.views.strip().lower() == "all" else \
+        tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
+    if views == ():
+        raise ValueError(f"--views {args.views!r} names no view; give e.g. PA,AP, or 'all' to "
+                         "keep every view")
     kw = {"labels_csv": args.labels_csv} if args.source == "folder" and args.labels_csv else {}
     df = index_source(args.source, args.root, **kw)
     n_all = len(df)
-    views = None if args.views.strip().lower() == "all" else \
-        tuple(v.strip().upper() for v in args.views.split(",") if v.strip())
     if views:
         df = filter_views(df, views)
     df = apply_uncertain(df, args.uncertain)

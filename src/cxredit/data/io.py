@@ -187,6 +187,11 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise XrayReadError(path, "DICOM file has no PixelData (not an image?)")
     _ensure_transfer_syntax(ds)
     tsyntax = ds.file_meta.TransferSyntaxUID
+    # pydicom logs every failed decoder plugin with a traceback before raising; the error
+    # below says it in one line (and the caller lists the file in errors.csv).
+    pd_log = logging.getLogger("pydicom")
+    level = pd_log.level
+    pd_log.setLevel(logging.CRITICAL)
     try:
         arr = ds.pixel_array
     except Exception as err:
@@ -199,6 +204,8 @@ def _read_dicom(path: Path) -> np.ndarray:
         raise XrayReadError(
             path, f"cannot decode pixel data ({type(err).__name__}: {err})"
         ) from err
+    finally:
+        pd_log.setLevel(level)
 
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
@@ -217,6 +224,34 @@ def _read_dicom(path: Path) -> np.ndarray:
     if photometric == "MONOCHROME1":
         out = 1.0 - out  # after the VOI step: windows are defined on modality values
     return out.astype(np.float32)
+
+
+# ViewCodeSequence code meanings (DICOM CID 4010) of the views cxredit tells apart.
+VIEW_CODE_MEANINGS = {
+    "postero-anterior": "PA", "antero-posterior": "AP", "lateral": "LATERAL",
+    "left lateral": "LL", "right lateral": "RL",
+}
+
+
+def dicom_view(path: PathLike) -> str:
+    """The view of a DICOM file from its header: ViewPosition (upper case), else the
+    ViewCodeSequence meaning (postero-anterior -> PA, ...); "" when neither says, when the
+    header cannot be read or when pydicom is not installed (reading the pixels later then
+    reports the problem). Reads the header only, not the pixel data."""
+    try:
+        import pydicom
+    except ImportError:
+        return ""
+    try:
+        ds = pydicom.dcmread(path, force=True, stop_before_pixels=True,
+                             specific_tags=["ViewPosition", "ViewCodeSequence"])
+        view = str(ds.get("ViewPosition", "") or "").strip().upper()
+        if not view and ds.get("ViewCodeSequence"):
+            meaning = str(ds.ViewCodeSequence[0].get("CodeMeaning", "")).strip().lower()
+            view = VIEW_CODE_MEANINGS.get(meaning, "")
+    except Exception:
+        return ""
+    return view
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:

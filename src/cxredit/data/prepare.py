@@ -85,6 +85,8 @@ def prepare_store(
         raise ValueError("the index has no 'path' column")
     if resolution < 8 or resolution > 4096:
         raise ValueError(f"resolution must be between 8 and 4096, got {resolution}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     plan = index.head(limit) if limit is not None else index
     if len(plan) == 0:
         raise ValueError("nothing to prepare: the index is empty after filtering")
@@ -220,7 +222,8 @@ def make_phantom_store(
     info = {"source": "phantom", "phantom": {"n": n, "seed": seed,
                                              "cardiomegaly_fraction": cardiomegaly_fraction,
                                              "device_probs": list(device_probs)}}
-    writer = StoreWriter(out, plan[["path"]], resolution, info=info, with_masks=True)
+    writer = StoreWriter(out, plan[["path"]], resolution, info=info, with_masks=True,
+                         settings=info["phantom"])
     todo = writer.todo
     seeds = plan["subject_seed"].tolist()
     flags = plan["cardiomegaly"].tolist()

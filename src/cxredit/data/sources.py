@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxredit.data.io import SUPPORTED_EXTENSIONS
+from cxredit.data.io import DICOM_EXTENSIONS, SUPPORTED_EXTENSIONS, VIEW_CODE_MEANINGS, dicom_view
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,46 @@ def _read_csv(path: Path, required: Iterable[str], what: str, **kw: object) -> p
     return df
 
 
+def _first_bad(bad: pd.Series, values: pd.Series, col: str, csv: Path, what: str,
+               expect: str) -> None:
+    """Raise a one-line error naming the file, row, column and value of the first bad cell."""
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        v = values.iloc[i]
+        shown = "a blank" if pd.isna(v) or str(v).strip() == "" else \
+            f"{float(v):g}" if isinstance(v, (int, float, np.number)) else repr(v)
+        raise ValueError(f"{what}: {csv}, row {i + 1} (after the header): column {col!r} holds "
+                         f"{shown}; expected {expect} ({int(bad.sum())} such rows)")
+
+
+def _numbers(raw: pd.DataFrame, col: str, csv: Path, what: str,
+             allowed: Sequence[float] | None = None) -> pd.Series:
+    """Column `col` as float64 (blank -> NaN); any other non-number (or value outside
+    `allowed`) is an error naming the file and row."""
+    values = raw[col]
+    out = pd.to_numeric(values, errors="coerce")
+    blank = values.isna()
+    if values.dtype == object:
+        blank |= values.astype(str).str.strip() == ""
+    bad = ~blank & out.isna()
+    if allowed is not None:
+        bad |= ~blank & ~out.isin(allowed)
+    expect = "a number or blank" if allowed is None else \
+        f"{', '.join(f'{a:g}' for a in allowed)} or blank"
+    _first_bad(bad, values, col, csv, what, expect)
+    return out.astype("float64")
+
+
+def _whole_numbers(raw: pd.DataFrame, col: str, csv: Path, what: str) -> pd.Series:
+    """Column `col` (an id) as int64; a blank or non-integer cell is an error naming the row."""
+    out = pd.to_numeric(raw[col], errors="coerce")
+    _first_bad(out.isna() | (out % 1 != 0), raw[col], col, csv, what, "a whole number")
+    return out.astype("int64")
+
+
+_LABEL_VALUES = (1.0, 0.0, -1.0)
+
+
 def _find_file(folders: Sequence[Path], stem: str, what: str, required: bool = True) -> Path | None:
     """First of ``<folder>/<stem>`` or ``<folder>/<stem>.gz`` that exists."""
     for folder in folders:
@@ -156,7 +196,11 @@ def index_chexpert(
                                                           "Frontal/Lateral": str, "AP/PA": str})
         # Plain Python beats pandas' object-string methods here (223k rows: ~10x).
         prefix = str(folder) + os.sep
-        parts = [p.replace("\\", "/").rsplit("/", 4) for p in raw["Path"].tolist()]
+        paths = raw["Path"].fillna("").tolist()
+        parts = [p.replace("\\", "/").rsplit("/", 4) for p in paths]
+        short = pd.Series([len(q) < 4 or not all(q[-4:]) for q in parts])
+        _first_bad(short, raw["Path"], "Path", csv, "CheXpert",
+                   "<split>/<patient>/<study>/<view>.jpg")
         lateral = _norm(raw["Frontal/Lateral"], str.lower) == "lateral"
         df = pd.DataFrame({
             "path": [prefix + os.sep.join(q[-4:]) for q in parts],
@@ -164,21 +208,16 @@ def index_chexpert(
             "study_id": [f"{q[-3]}/{q[-2]}" for q in parts],
             "view": np.where(lateral, "LATERAL", _norm(raw["AP/PA"], str.upper)),
             "sex": _norm(raw["Sex"], lambda v: _SEX.get(v.lower(), "")),
-            "age": raw["Age"],
+            "age": _numbers(raw, "Age", csv, "CheXpert"),
         })
-        df[OBSERVATIONS] = raw[OBSERVATIONS].to_numpy(dtype="float64")
+        for col in OBSERVATIONS:
+            df[col] = _numbers(raw, col, csv, "CheXpert", _LABEL_VALUES).to_numpy()
         df["official_split"] = split
         frames.append(df)
     return _finalize(pd.concat(frames, ignore_index=True), "chexpert")
 
 
 # ---------------------------------------------------------------------------- MIMIC
-
-_MIMIC_VIEW_CODES = {
-    "postero-anterior": "PA", "antero-posterior": "AP", "lateral": "LATERAL",
-    "left lateral": "LL", "right lateral": "RL",
-}
-
 
 def index_mimic(root: str | os.PathLike) -> pd.DataFrame:
     """Index MIMIC-CXR-JPG 2.0.0 (Johnson et al., 2019, arXiv:1901.07042).
@@ -210,15 +249,20 @@ def index_mimic(root: str | os.PathLike) -> pd.DataFrame:
                      dtype={"dicom_id": str, "ViewPosition": str,
                             "ViewCodeSequence_CodeMeaning": str})
     labels = _read_csv(label_csv, [*ids, *OBSERVATIONS], "MIMIC-CXR-JPG")
+    for col in ids:
+        meta[col] = _whole_numbers(meta, col, meta_csv, "MIMIC-CXR-JPG")
+        labels[col] = _whole_numbers(labels, col, label_csv, "MIMIC-CXR-JPG")
+    for col in OBSERVATIONS:
+        labels[col] = _numbers(labels, col, label_csv, "MIMIC-CXR-JPG", _LABEL_VALUES)
     labels = labels[[*ids, *OBSERVATIONS]].drop_duplicates(ids)
     meta = meta.merge(labels, on=ids, how="left", validate="many_to_one")
 
-    subject = [str(v) for v in meta["subject_id"].astype("int64").tolist()]
-    study = [str(v) for v in meta["study_id"].astype("int64").tolist()]
+    subject = [str(v) for v in meta["subject_id"].tolist()]
+    study = [str(v) for v in meta["study_id"].tolist()]
     view = _norm(meta["ViewPosition"], str.upper)
     if "ViewCodeSequence_CodeMeaning" in meta:
         coded = _norm(meta["ViewCodeSequence_CodeMeaning"],
-                      lambda v: _MIMIC_VIEW_CODES.get(v.lower(), ""))
+                      lambda v: VIEW_CODE_MEANINGS.get(v.lower(), ""))
         view = view.where(view != "", coded)
     files = str(folder / "files") + os.sep
     sep = os.sep
@@ -331,8 +375,8 @@ def index_nih(root: str | os.PathLike) -> pd.DataFrame:
     names = raw["Image Index"].str.strip()
     images = _nih_images(root)
     default = str(root / "images") + os.sep
-    patient = raw["Patient ID"].astype("int64").astype(str)
-    followup = raw["Follow-up #"].astype("int64")
+    patient = _whole_numbers(raw, "Patient ID", csvs[0], "NIH ChestX-ray14").astype(str)
+    followup = _whole_numbers(raw, "Follow-up #", csvs[0], "NIH ChestX-ray14")
     df = pd.DataFrame({
         "path": [images.get(n, default + n) for n in names],
         "patient_id": patient,
@@ -398,9 +442,10 @@ def index_folder(
     """Index every PNG/JPEG/DICOM file under ``root`` (recursive, sorted).
 
     Hidden files and folders (starting with ``.``) are skipped. Without labels,
-    ``patient_id`` and ``study_id`` are the file stem and ``view`` is ``""``;
-    :func:`filter_views` keeps unknown views by default, i.e. folder images are
-    treated as frontal.
+    ``patient_id`` and ``study_id`` are the file stem. ``view`` comes from the labels
+    CSV, else for DICOM files from the header (ViewPosition, or the ViewCodeSequence
+    meaning), else it is ``""``: :func:`filter_views` keeps unknown views by default,
+    i.e. PNG/JPEG images without a view are treated as frontal.
 
     Args:
         root: Folder to scan. Extensions (any case): .png .jpg .jpeg .dcm .dicom.
@@ -445,6 +490,10 @@ def index_folder(
     df = pd.DataFrame({"path": files, "patient_id": stems, "study_id": stems, "view": ""})
     if labels_csv is not None:
         df = _join_labels(df, root, Path(labels_csv))
+    blank = df["view"].fillna("").astype(str).str.strip() == ""
+    dcm = df["path"].map(lambda p: os.path.splitext(p)[1].lower() in DICOM_EXTENSIONS)
+    if (blank & dcm).any():
+        df.loc[blank & dcm, "view"] = [dicom_view(p) for p in df.loc[blank & dcm, "path"]]
     return _finalize(df, "folder")
 
 

@@ -102,6 +102,8 @@ class StoreWriter:
         resolution: side length R.
         info: extra fields for store.json (source, preprocessing, ...).
         with_masks: also allocate masks.npy [N,3,R,R].
+        settings: JSON-able options that shape the images but are not in `plan` (e.g. the
+            phantom generator's); resuming with other settings is refused, like another plan.
     """
 
     def __init__(
@@ -111,6 +113,7 @@ class StoreWriter:
         resolution: int,
         info: dict | None = None,
         with_masks: bool = False,
+        settings: dict | None = None,
     ) -> None:
         self.out = Path(out)
         self.partial = self.out / ".partial"
@@ -125,15 +128,24 @@ class StoreWriter:
         plan = plan.reset_index(drop=True)
         plan_path = self.partial / "plan.csv"
         fingerprint = {"n": n, "resolution": self.resolution, "with_masks": with_masks,
-                       "plan_sha1": _frame_sha1(plan)}
+                       "plan_sha1": _frame_sha1(plan),
+                       "settings": json.loads(json.dumps(settings or {}))}
         fp_path = self.partial / "fingerprint.json"
         if fp_path.exists():
             old = json.loads(fp_path.read_text())
+            old.setdefault("settings", {})
             if old != fingerprint:
+                what = [k for k in ("n", "resolution", "with_masks")
+                        if old.get(k) != fingerprint[k]]
+                what += ["the list of images"] * (old.get("plan_sha1") != fingerprint["plan_sha1"])
+                what += [f"{k} (was {old['settings'].get(k)})" for k in sorted(
+                    set(old["settings"]) | set(fingerprint["settings"]))
+                    if old["settings"].get(k) != fingerprint["settings"].get(k)]
                 raise StoreError(
                     f"{self.out}: an unfinished preparation with different inputs is here "
-                    f"(was {old['n']} images at {old['resolution']} px); delete {self.partial} "
-                    "to start over")
+                    f"(was {old['n']} images at {old['resolution']} px; differs in "
+                    f"{', '.join(what)}); re-run it with the same options, or delete "
+                    f"{self.partial} to start over")
             self.resumed = True
         else:
             _atomic_write_csv(plan_path, plan)
@@ -280,16 +292,30 @@ class ImageStore:
             hint = " (an unfinished preparation is here: re-run it to finish)" \
                 if (self.root / ".partial").exists() else ""
             raise StoreError(f"{self.root}: not a cxredit store (no store.json){hint}")
-        self.info = json.loads(info_path.read_text())
+        try:
+            self.info = json.loads(info_path.read_text())
+            if not isinstance(self.info, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{info_path}: not a valid store.json ({err})") from None
         version = self.info.get("format_version")
         if version != STORE_FORMAT_VERSION:
             raise StoreError(f"{self.root}: store format version {version} is not supported "
                              f"(this cxredit reads version {STORE_FORMAT_VERSION})")
-        self.resolution = int(self.info["resolution"])
-        self.images = np.load(self.root / "images.npy", mmap_mode="r")
-        self.meta = pd.read_csv(self.root / "meta.csv", low_memory=False,
-                                dtype={"patient_id": str, "study_id": str, "view": str,
-                                       "sex": str})
+        try:
+            self.resolution = int(self.info["resolution"])
+        except (KeyError, TypeError, ValueError):
+            raise StoreError(f"{info_path}: no valid 'resolution' entry") from None
+        try:
+            self.images = np.load(self.root / "images.npy", mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{self.root / 'images.npy'}: cannot be read ({err})") from None
+        try:
+            self.meta = pd.read_csv(self.root / "meta.csv", low_memory=False,
+                                    dtype={"patient_id": str, "study_id": str, "view": str,
+                                           "sex": str})
+        except (OSError, ValueError) as err:
+            raise StoreError(f"{self.root / 'meta.csv'}: cannot be read ({err})") from None
         for col in ("view", "sex", "patient_id", "study_id"):
             if col in self.meta:
                 self.meta[col] = self.meta[col].fillna("")
