@@ -48,6 +48,23 @@ def _decode(url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
 
 
+def _png_text(url: str) -> dict:
+    """The PNG text chunks of a data URL."""
+    assert url.startswith("data:image/png;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    img.load()
+    return img.text
+
+
+def _assert_reconstruction_marked(body: dict, gen_sha: str, what: str) -> None:
+    text = _png_text(body["reconstruction"])
+    assert text["cxredit:synthetic"] == "true" and text["cxredit:generator-sha256"] == gen_sha
+    assert f"SYNTHETIC image ({what})" in text["Description"]
+    assert body["id"] in text["cxredit:source-id"] and body["source"] in text["cxredit:source-id"]
+    assert text["cxredit:projection-steps"] == str(body["steps"])
+    assert "cxredit:direction" not in text  # a reconstruction is no edit (alpha 0)
+
+
 @pytest.fixture(scope="module")
 def client(tiny_bundle):
     app = create_app(tiny_bundle, max_upload_mb=LIMIT_MB, max_project_steps=50)
@@ -96,6 +113,7 @@ def test_sample_encodes_and_alpha_zero_is_the_reconstruction(client, latent):
     assert e0.json()["max_abs_diff"] == 0
     e5 = client.post("/api/edit", json={"id": latent["id"], "direction": "pair", "alpha": 5}).json()
     assert e5["max_abs_diff"] > 0 and _decode(e5["diff"]).shape == (16, 16, 3)
+    assert _png_text(e5["diff"])["cxredit:synthetic"] == "true"
     for key in ("ctr", "ctr_reconstruction"):
         assert e5[key] is None or 0 < e5[key] < 5
 
@@ -156,14 +174,72 @@ def test_encode_request_forms(client, kwargs, status):
     ({"direction": "pair", "alpha": 10}, 200),
     ({"direction": "pair"}, 422),
     ({"direction": "pair", "alpha": "a lot"}, 422),
+    ({"direction": "pair", "alpha": True}, 422),  # not read as 1.0
+    ({"direction": "pair", "alpha": None}, 422),
     ({"direction": "no-such-direction", "alpha": 1}, 404),
     ({"direction": "pair", "alpha": 1, "id": "0" * 32}, 404),
 ])
 def test_edit_validation(client, latent, body, status):
     r = client.post("/api/edit", json={"id": latent["id"], **body})
     assert r.status_code == status, r.text
-    if status != 200:
-        assert r.json()["detail"]
+    if status != 200:  # every error has the documented ErrorBody: one line of text
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and detail and "\n" not in detail
+
+
+@pytest.mark.parametrize("path, kwargs, words", [
+    ("/api/edit", {"json": {"direction": "pair", "alpha": "abc"}},
+     ["alpha: Input should be a valid number", "'abc'"]),
+    ("/api/edit", {"json": {"direction": "pair"}}, ["alpha: Field required"]),
+    ("/api/edit", {"json": {"direction": "pair", "alpha": True}},
+     ["alpha: Input should be a valid number", "True"]),
+    ("/api/edit", {"json": {}}, ["id: Field required", "direction: Field required",
+                                 "alpha: Field required"]),
+    ("/api/edit", {"json": [1, 2]}, ["request body: Input should be a valid dictionary"]),
+    ("/api/edit", {"content": b'{"id": ', "headers": {"content-type": "application/json"}},
+     ["the body is not valid JSON"]),
+    ("/api/project", {"json": {"id": "x", "steps": True}},
+     ["steps: Input should be a valid integer"]),
+    ("/api/project", {"json": {"id": "x", "steps": 2.5}},
+     ["steps: Input should be a valid integer", "2.5"]),
+])
+def test_malformed_requests_get_one_line_422(client, path, kwargs, words):
+    r = client.post(path, **kwargs)
+    assert r.status_code == 422, r.text
+    assert set(r.json()) == {"detail"}
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail
+    assert detail.startswith("invalid request: ")
+    for w in words:
+        assert w in detail, detail
+
+
+def test_malformed_query_gets_one_line_422(client, latent):
+    r = client.get("/api/edit.png", params={"id": latent["id"], "alpha": "x" * 200})
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert "query parameter direction: Field required" in detail
+    assert "query parameter alpha: Input should be a valid number" in detail
+    assert len(detail) < 300  # a long bad value is cut short
+
+
+def test_reconstruction_and_difference_map_carry_provenance(client, latent, tiny_bundle):
+    # Every image the API makes from G says it is synthetic, not only the edited one.
+    sha = load_bundle(tiny_bundle, components=()).generator_sha256
+    _assert_reconstruction_marked(latent, sha, "encoder reconstruction")
+    # the input echo is the user's (here a phantom's) image, not G's output: not marked
+    assert "cxredit:synthetic" not in _png_text(latent["input"])
+    e = client.post("/api/edit", json={"id": latent["id"], "direction": "lda",
+                                       "alpha": -3}).json()
+    image, diff = _png_text(e["image"]), _png_text(e["diff"])
+    assert diff["cxredit:synthetic"] == "true" and diff["cxredit:edit"] == "true"
+    assert "DIFFERENCE MAP of a SYNTHETIC EDIT" in diff["Description"]
+    assert "not for diagnosis" in diff["Description"]
+    assert diff["cxredit:derived"].startswith("difference map")
+    for key in ("cxredit:source-id", "cxredit:direction", "cxredit:alpha",
+                "cxredit:generator-sha256", "cxredit:projection-steps"):
+        assert diff[key] == image[key], key
+    assert diff["cxredit:direction"] == "lda" and diff["cxredit:alpha"] == "-3"
 
 
 def test_download_carries_provenance(client, latent, tiny_bundle):
@@ -185,7 +261,7 @@ def test_download_carries_provenance(client, latent, tiny_bundle):
     assert bad.status_code == 404
 
 
-def test_projection_job_gives_a_new_latent(client, latent):
+def test_projection_job_gives_a_new_latent(client, latent, tiny_bundle):
     r = client.post("/api/project", json={"id": latent["id"], "steps": 5})
     assert r.status_code == 202
     job = r.json()["job"]
@@ -196,6 +272,8 @@ def test_projection_job_gives_a_new_latent(client, latent):
     assert s["status"] == "done" and s["step"] == s["steps"] == 5, s
     new = s["result"]
     assert new["id"] != latent["id"] and new["steps"] == 5
+    _assert_reconstruction_marked(new, load_bundle(tiny_bundle, components=()).generator_sha256,
+                                  "projection reconstruction")
     assert client.post("/api/edit", json={"id": new["id"], "direction": "lda",
                                           "alpha": 1}).status_code == 200
     assert client.get("/api/project/unknown").status_code == 404
@@ -208,6 +286,14 @@ def test_projection_job_gives_a_new_latent(client, latent):
 def test_docs_and_openapi_work_offline(client):
     schema = client.get("/openapi.json").json()
     assert {"/api/encode", "/api/edit", "/api/project", "/api/health"} <= set(schema["paths"])
+    # every documented error body is ErrorBody (one line), FastAPI's list-of-objects is gone
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    for item in schema["paths"].values():
+        for op in item.values():
+            for code, resp in op["responses"].items():
+                if code.startswith("4"):
+                    assert resp["content"]["application/json"]["schema"]["$ref"].endswith(
+                        "/ErrorBody"), (code, op["summary"])
     docs = client.get("/docs")
     assert docs.status_code == 200 and "text/html" in docs.headers["content-type"]
     for path in ("/api/encode", "/api/edit", "/api/project", "/api/health", "/openapi.json"):
@@ -271,6 +357,25 @@ def test_cli_serve_defaults_and_call(monkeypatch, tiny_bundle):
                  "--max-alpha", "4"]) == 0
     assert seen["a"][:3] == (str(tiny_bundle), "127.0.0.1", 9999)
     assert seen["k"]["max_alpha"] == 4
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_cli_serve_refuses_a_bad_port_in_one_line(monkeypatch, tiny_bundle, capsys, port):
+    monkeypatch.setattr("cxredit.web.app.create_app",
+                        lambda *a, **k: pytest.fail("the bundle was loaded"))
+    assert main(["serve", "--weights", str(tiny_bundle), "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"cxredit serve: error: --port must be in 1..65535 (or 0 for a " \
+                          f"free port), got {port}"
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("port", [0, 1, 65535])
+def test_cli_serve_accepts_ports_at_the_ends_of_the_range(monkeypatch, tiny_bundle, port):
+    seen = {}
+    monkeypatch.setattr("cxredit.web.app.serve", lambda *a, **k: seen.update(a=a))
+    assert main(["serve", "--weights", str(tiny_bundle), "--port", str(port)]) == 0
+    assert seen["a"][2] == port
 
 
 def test_cli_serve_without_web_extra(monkeypatch, capsys):

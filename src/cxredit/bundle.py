@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,10 +113,19 @@ class Bundle:
             raise BundleError(f"{self.root}: the bundle has no encoder")
         return self.E(images.to(self.device))
 
+    def _latents(self, w) -> torch.Tensor:
+        """`w` (tensor or array) as float32 on the bundle's device, checked against G."""
+        from cxredit.latent.edit import check_latents
+
+        w = torch.as_tensor(w, dtype=torch.float32, device=self.device)
+        check_latents(w, self.G.num_ws, self.G.w_dim)
+        return w
+
     @torch.no_grad()
     def synthesize(self, w: torch.Tensor) -> torch.Tensor:
-        """G(w) with constant noise, clamped to [-1,1]: [N,1,R,R]."""
-        return self.G.synthesis(w.to(self.device), noise_mode="const").clamp(-1, 1)
+        """G(w) with constant noise, clamped to [-1,1]: [N,1,R,R]. w: [N, w_dim] (W) or
+        [N, num_ws, w_dim] (W+), tensor or array."""
+        return self.G.synthesis(self._latents(w), noise_mode="const").clamp(-1, 1)
 
     def edit(self, w: torch.Tensor, direction: str, alpha: float) -> torch.Tensor:
         """G(w + alpha v) for a named direction of the bundle: [N,1,R,R] in [-1,1]."""
@@ -125,7 +135,8 @@ class Bundle:
             raise BundleError(f"{self.root}: no direction {direction!r}; there are "
                               f"{', '.join(self.directions) or 'none'}")
         v = torch.from_numpy(self.directions[direction][0]).to(self.device)
-        return self.synthesize(apply_direction(w.to(self.device), v, alpha, self.G.num_ws))
+        return self.synthesize(apply_direction(self._latents(w), v, float(alpha),
+                                               self.G.num_ws))
 
     @torch.no_grad()
     def ctr(self, images: torch.Tensor) -> np.ndarray:
@@ -225,12 +236,19 @@ def export_bundle(out: str | os.PathLike, gan: str | os.PathLike,
         Path of `bundle.json`.
     """
     from cxredit.latent.directions import load_direction, save_direction
+    from cxredit.models.stylegan2 import num_ws_for
     from cxredit.runs import find_checkpoint
 
     out = Path(out)
+    for name in directions or {}:
+        if not _DIRECTION_NAME.fullmatch(name):
+            raise BundleError(f"direction name {name!r}: use letters, digits, '_' and '-' "
+                              "(it names a file inside the bundle)")
+    old_files = _listed_files(out)
     out.mkdir(parents=True, exist_ok=True)
     g_cfg = read_checkpoint_json(find_checkpoint(gan))["state"]["G_config"]
     res = int(g_cfg["img_resolution"])
+    num_ws = num_ws_for(res)
     gan_sha = checkpoint_sha256(find_checkpoint(gan))
     comps = {"generator": _export_component("generator", gan, out, half, res)}
     g_ref = {"path": comps["generator"]["file"], "sha256": comps["generator"]["sha256"]}
@@ -251,9 +269,13 @@ def export_bundle(out: str | os.PathLike, gan: str | os.PathLike,
             raise BundleError(f"{path}: direction was made with another generator")
         if v.shape[-1] != g_cfg["w_dim"]:
             raise BundleError(f"{path}: w_dim {v.shape[-1]} != generator's {g_cfg['w_dim']}")
+        if v.ndim == 2 and v.shape[0] != num_ws:
+            raise BundleError(f"{path}: a W+ direction for {v.shape[0]} layers; the generator "
+                              f"has {num_ws}")
         rel = f"directions/{name}.npz"
         keep = {k: val for k, val in side.items()
                 if k not in ("format", "format_version", "space", "shape", "w_dim", "num_ws")}
+        keep.setdefault("method", "unknown")  # a direction .npz made outside cxredit
         save_direction(out / rel, v, {**keep, "generator": g_ref,
                                       "source_generator": side.get("generator")})
         dirs[name] = {"file": rel, "method": side.get("method")}
@@ -265,7 +287,26 @@ def export_bundle(out: str | os.PathLike, gan: str | os.PathLike,
     tmp = out / "bundle.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, out / "bundle.json")
+    for rel in old_files - _listed_files(out):  # what an earlier export left and this one dropped
+        (out / rel).unlink(missing_ok=True)
     return out / "bundle.json"
+
+
+_DIRECTION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def _listed_files(out: Path) -> set[str]:
+    """Files (relative to `out`) that the bundle manifest in `out` lists; empty if none."""
+    try:
+        mf = json.loads((out / "bundle.json").read_text())
+        files = {f"{c['file']}{s}" for c in mf["components"].values() for s in (".json",
+                                                                                ".safetensors")}
+        for d in mf["directions"].values():
+            files |= {d["file"], str(Path(d["file"]).with_suffix(".json"))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    # only plain names inside the bundle (a hand-edited manifest cannot point elsewhere)
+    return {f for f in files if ".." not in Path(f).parts and not Path(f).is_absolute()}
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -297,7 +338,6 @@ def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
         device: where the models live.
         components: load only these (the generator always); None = all present.
     """
-    from cxredit.latent.directions import load_direction
     from cxredit.train.encoder import load_encoder
     from cxredit.train.gan import load_generator
     from cxredit.train.segmenter import load_segmenter
@@ -320,8 +360,19 @@ def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
 
         b.classifier = load_classifier(root / comps["classifier"]["file"], device)
     for name, d in mf.get("directions", {}).items():
-        b.directions[name] = load_direction(root / d["file"])
+        b.directions[name] = _fitting_direction(root / d["file"], b.G)
     return b
+
+
+def _fitting_direction(path: Path, G) -> tuple[np.ndarray, dict]:
+    """`load_direction(path)`, checked to fit generator G (w_dim; num_ws of a W+ one)."""
+    from cxredit.latent.directions import load_direction
+
+    v, info = load_direction(path)
+    if v.shape[-1] != G.w_dim or (v.ndim == 2 and v.shape[0] != G.num_ws):
+        raise BundleError(f"{path}: direction of shape {list(v.shape)} does not fit the "
+                          f"generator ([{G.w_dim}] or [{G.num_ws}, {G.w_dim}])")
+    return v, info
 
 
 
@@ -334,7 +385,6 @@ def assemble_bundle(gan: str | os.PathLike, encoder: str | os.PathLike | None = 
 
     The manifest's component "file" entries are the checkpoints' absolute paths.
     """
-    from cxredit.latent.directions import load_direction
     from cxredit.runs import find_checkpoint
     from cxredit.train.encoder import load_encoder
     from cxredit.train.gan import load_generator
@@ -349,10 +399,7 @@ def assemble_bundle(gan: str | os.PathLike, encoder: str | os.PathLike | None = 
             comps[name] = {"file": str(ck.with_suffix("")), "kind": COMPONENTS[name][1],
                            "sha256": checkpoint_sha256(ck), "source": str(ck)}
     G = load_generator(gan, device)
-    dirs = {n: load_direction(p) for n, p in (directions or {}).items()}
-    for n, (v, _) in dirs.items():
-        if v.shape[-1] != G.w_dim:
-            raise BundleError(f"{directions[n]}: w_dim {v.shape[-1]} != generator's {G.w_dim}")
+    dirs = {n: _fitting_direction(Path(p), G) for n, p in (directions or {}).items()}
     mf = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
           "resolution": int(G.img_resolution), "w_dim": int(G.w_dim), "components": comps,
           "directions": {n: {"file": str(p), "method": dirs[n][1].get("method")}

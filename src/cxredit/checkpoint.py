@@ -138,12 +138,30 @@ def read_checkpoint_json(path: str | os.PathLike) -> dict:
         doc = json.loads(js_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{js_path}: not valid JSON ({e.msg})") from None
-    if doc.get("format") != "cxredit.checkpoint":
+    if not isinstance(doc, dict) or doc.get("format") != "cxredit.checkpoint":
         raise CheckpointError(f"{js_path}: not a cxredit checkpoint")
     if doc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{js_path}: checkpoint format version {doc.get('format_version')}"
                               f" is not supported (expected {FORMAT_VERSION})")
+    for key, typ in (("kind", str), ("sha256", str), ("state", dict)):
+        if not isinstance(doc.get(key), typ):
+            raise CheckpointError(f"{js_path}: damaged checkpoint (no valid {key!r} entry)")
     return doc
+
+
+def build_module(path: str | os.PathLike, make, weights: dict) -> torch.nn.Module:
+    """`make()` (a network built from a checkpoint's config) with the checkpoint's `weights`
+    loaded; a config or weights that do not fit each other is a CheckpointError naming `path`
+    instead of torch's many-line size-mismatch report."""
+    try:
+        net = make()
+        net.load_state_dict(weights)
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: its config and weights do not fit ({first}"
+                              f"{' ...' if len(str(e).strip().splitlines()) > 1 else ''})"
+                              ) from None
+    return net
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str | None = None,

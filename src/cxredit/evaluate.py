@@ -197,6 +197,12 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     from cxredit.runs import save_image_grid
 
     t0 = time.time()
+    for name, n in (("n_fid", n_fid), ("n_project", n_project), ("n_edit", n_edit),
+                    ("project_steps", project_steps)):
+        if n < 0:
+            raise ValueError(f"{name} must be >= 0 (0 skips that part), got {n}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,7 +211,12 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     b = weights if isinstance(weights, Bundle) else load_bundle(weights, dev)
     files = {n: d["file"] for n, d in b.manifest.get("directions", {}).items()}
     for name, (v_extra, info_extra) in (extra_directions or {}).items():
-        b.directions[name] = (np.asarray(v_extra, np.float32), info_extra)
+        v_extra = np.asarray(v_extra, np.float32)
+        if v_extra.shape[-1] != b.G.w_dim or (v_extra.ndim == 2 and v_extra.shape[0] != b.G.num_ws):
+            raise ValueError(f"{info_extra.get('file', name)}: direction of shape "
+                             f"{list(v_extra.shape)} does not fit the generator "
+                             f"([{b.G.w_dim}] or [{b.G.num_ws}, {b.G.w_dim}])")
+        b.directions[name] = (v_extra, info_extra)
         files[name] = info_extra.get("file")
     if direction is None and b.directions:
         direction = "pair" if "pair" in b.directions else next(iter(b.directions))
@@ -347,6 +358,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     # -- 5. edits of healthy images (projected latents when available)
     if direction is None or b.segmenter is None or (w_proj is None and w_enc is None):
         m["skipped"]["edit"] = "needs a direction, a segmenter and latents (encoder or projection)"
+    elif n_edit == 0:
+        m["skipped"]["edit"] = "n_edit is 0"
     else:
         healthy = np.flatnonzero(~lab)[:n_edit]
         if w_proj is not None:

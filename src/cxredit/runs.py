@@ -134,6 +134,14 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     with or without suffix.
     """
     p = Path(path)
+    if p.is_dir() and (p / "bundle.json").is_file():
+        try:
+            comps = json.loads((p / "bundle.json").read_text())["components"]
+            files = ", ".join(f"{p / c['file']}.json ({c['kind']})" for c in comps.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            files = f"{p}/G.json, ..."
+        raise RunError(f"{p}: is a weights bundle, not a run; pass one of its checkpoints: "
+                       f"{files}")
     if p.is_dir():
         ck_dir = p / "checkpoints" if (p / "checkpoints").is_dir() else p
         cks = sorted(ck_dir.glob("*.json"))

@@ -69,11 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as e:
         # User errors: one line, no traceback (XrayReadError and StoreError are ValueErrors).
         if args.verbose:
             raise
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, FileExistsError) and e.filename:  # mkdir over a file
+            msg = f"{e.filename}: exists and is not a folder"
+        elif isinstance(e, OSError) and e.filename and e.strerror:
+            msg = f"{e.filename}: {e.strerror}"
+        else:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cxredit {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

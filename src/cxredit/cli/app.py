@@ -14,7 +14,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default="weights/demo", help="weights bundle folder")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (the default keeps the page on this machine)")
-    p.add_argument("--port", type=int, default=7860, help="TCP port")
+    p.add_argument("--port", type=int, default=7860,
+                   help="TCP port, 1..65535 (0: a free port, named in the log)")
     p.add_argument("--max-upload-mb", type=float, default=20.0,
                    help="largest upload accepted (bigger ones get HTTP 413)")
     p.add_argument("--max-alpha", type=float, default=None,
@@ -33,8 +34,9 @@ def run_serve_cmd(args: argparse.Namespace) -> int:
     if not web_available():
         print(f"cxredit serve: error: {WEB_EXTRA_MISSING}", file=sys.stderr)
         return 2
-    from cxredit.web.app import serve
+    from cxredit.web.app import check_port, serve
 
+    check_port(args.port)  # before the bundle loads (uvicorn would fail later, in a traceback)
     serve(args.weights, args.host, args.port, args.device, max_upload_mb=args.max_upload_mb,
           max_alpha=args.max_alpha, max_project_steps=args.max_project_steps)
     return 0

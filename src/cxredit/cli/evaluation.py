@@ -197,12 +197,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from cxredit.bundle import assemble_bundle
     from cxredit.evaluate import evaluate
     from cxredit.latent.directions import load_direction
+    from cxredit.latent.edit import parse_alphas
 
-    try:
-        alphas = tuple(float(a) for a in args.alphas.split(",") if a.strip())
-    except ValueError:
-        raise ValueError(f"--alphas: expected comma-separated numbers, got {args.alphas!r}") \
-            from None
+    alphas = tuple(parse_alphas(args.alphas))
     extra, direction = {}, args.direction
     if direction and direction.endswith(".npz"):
         v, info = load_direction(direction)

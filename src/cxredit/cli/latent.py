@@ -88,12 +88,11 @@ def _add_edit(p: argparse.ArgumentParser) -> None:
 @command("edit", "edit latents along a direction (w + alpha*v) and write images + sweep grid")(
     _add_edit)
 def run_edit_cmd(args: argparse.Namespace) -> int:
-    from cxredit.latent.edit import run_edit
+    from cxredit.latent.edit import parse_alphas, run_edit
 
-    try:
-        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
-    except ValueError:
-        raise ValueError(f"--alphas must be numbers, got {args.alphas!r}") from None
+    alphas = parse_alphas(args.alphas)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     res = run_edit(args.gan, args.latents, args.direction, alphas, args.out, args.layers,
                    args.limit, args.dicom, args.device)
     print(f"edited {res['count']} images x {len(alphas)} alphas -> {args.out} "

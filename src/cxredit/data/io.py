@@ -480,6 +480,21 @@ def _to_uint(img: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(img.astype(np.float64) * top), 0, top).astype(f"uint{bits}")
 
 
+def output_stems(ids: list[str], rows: bool | None = None) -> list[str]:
+    """File-name stems for the outputs made from inputs `ids`, one each and all different.
+
+    A store row id ("12") becomes "row0000012" and a file path its stem; `rows` says which
+    the ids are (None: digits-only ids are rows). Inputs whose stems repeat (the same file
+    name in two folders) get "_<position>" appended, so no output overwrites another.
+    """
+    stems = [f"row{int(i):07d}" if (rows if rows is not None else str(i).isdigit())
+             else Path(str(i)).stem for i in ids]
+    seen: dict[str, int] = {}
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+    return [s if seen[s] == 1 else f"{s}_{k}" for k, s in enumerate(stems)]
+
+
 def write_png(
     path: PathLike,
     img: np.ndarray,

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from cxredit import __version__
-from cxredit.latent.io import sidecar_path
+from cxredit.latent.io import read_sidecar, sidecar_path
 from cxredit.latent.separability import (
     check_labels,
     equals,
@@ -235,7 +235,7 @@ def save_direction(path: str | os.PathLike, v: np.ndarray, info: dict) -> Path:
     if path.suffix != ".npz":
         raise ValueError(f"{path}: directions must be written to a .npz file")
     if "method" not in info:
-        raise ValueError("direction info needs a 'method'")
+        raise ValueError(f"{path}: direction info needs a 'method'")
     v = np.asarray(v, np.float64)
     if v.ndim not in (1, 2):
         raise ValueError(f"v must be [w_dim] or [num_ws, w_dim], got {list(v.shape)}")
@@ -271,9 +271,7 @@ def load_direction(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
             abs(float(np.linalg.norm(v.astype(np.float64))) - 1) > 1e-4:
         raise ValueError(f"{path}: 'v' is not a finite unit vector of shape [w_dim] or "
                          f"[num_ws, w_dim] (shape {list(v.shape)})")
-    side = sidecar_path(path)
-    info = json.loads(side.read_text()) if side.exists() else {}
-    return v.astype(np.float32), info
+    return v.astype(np.float32), read_sidecar(path)
 
 
 def compare(paths: Sequence[str | os.PathLike]) -> np.ndarray:

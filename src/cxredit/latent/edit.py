@@ -7,6 +7,8 @@ generator's sha256.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +22,45 @@ def parse_layers(text: str | None, num_ws: int) -> list[int] | None:
     if not text:
         return None
     out: list[int] = []
+    usage = f"--layers {text!r}: expected indices or ranges in 0..{num_ws - 1}, e.g. 0-5 or 0,2,4"
     for part in text.split(","):
-        if "-" in part:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        else:
-            out.append(int(part))
-    bad = [i for i in out if not 0 <= i < num_ws]
-    if bad:
-        raise ValueError(f"--layers {text!r}: layers must be in 0..{num_ws - 1}")
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None:
+            raise ValueError(usage)
+        a = int(m[1])
+        b = int(m[2]) if m[2] is not None else a
+        if b < a:
+            raise ValueError(f"--layers {text!r}: range {a}-{b} is reversed (write {b}-{a})")
+        out.extend(range(a, b + 1))
+    if any(not 0 <= i < num_ws for i in out):
+        raise ValueError(usage)
     return sorted(set(out))
+
+
+def parse_alphas(text: str, option: str = "--alphas") -> list[float]:
+    """"-2,0,2" -> [-2.0, 0.0, 2.0]: finite numbers, repeats dropped (order kept); anything
+    else is a one-line error naming `option`."""
+    out: list[float] = []
+    for part in text.split(","):
+        try:
+            a = float(part)
+        except ValueError:
+            raise ValueError(f"{option} {text!r}: {part.strip()!r} is not a number (expected "
+                             "comma-separated numbers, e.g. -2,0,2)") from None
+        if not math.isfinite(a):
+            raise ValueError(f"{option} {text!r}: {part.strip()} is not a finite number")
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def check_latents(w: torch.Tensor, num_ws: int, w_dim: int, what: str = "w") -> None:
+    """Raise a one-line ValueError unless `w` is [N, w_dim] or [N, num_ws, w_dim]."""
+    ok = (w.ndim == 2 and w.shape[1] == w_dim) or \
+        (w.ndim == 3 and w.shape[1] == num_ws and w.shape[2] == w_dim)
+    if not ok:
+        raise ValueError(f"{what} of shape {list(w.shape)} do not fit the generator: expected "
+                         f"[N, {w_dim}] (W) or [N, {num_ws}, {w_dim}] (W+)")
 
 
 def apply_direction(w: torch.Tensor, v: torch.Tensor, alpha: float, num_ws: int,
@@ -45,7 +76,23 @@ def apply_direction(w: torch.Tensor, v: torch.Tensor, alpha: float, num_ws: int,
 
     Returns:
         [N, w_dim] when w, v are W and no layers are given; else [N, num_ws, w_dim].
+
+    Raises:
+        ValueError: shapes that do not fit together or the generator, a non-finite alpha,
+            layers outside 0..num_ws-1.
     """
+    check_latents(w, num_ws, int(w.shape[-1]), "latents")
+    if v.shape[-1] != w.shape[-1]:
+        raise ValueError(f"direction w_dim {v.shape[-1]} != the latents' w_dim {w.shape[-1]}")
+    if v.ndim not in (1, 2) or (v.ndim == 2 and v.shape[0] != num_ws):
+        raise ValueError(f"direction of shape {list(v.shape)} does not fit the generator "
+                         f"({num_ws} layers of w_dim {w.shape[-1]})")
+    if not math.isfinite(alpha):
+        raise ValueError(f"edit strength alpha must be finite, got {alpha}")
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < num_ws]
+        if bad or not layers:
+            raise ValueError(f"layers {list(layers)}: expected indices 0..{num_ws - 1}")
     if layers is None and w.ndim == 2 and v.ndim == 1:
         return w + alpha * v
     ws = w if w.ndim == 3 else w.unsqueeze(1).expand(-1, num_ws, -1)
@@ -55,15 +102,20 @@ def apply_direction(w: torch.Tensor, v: torch.Tensor, alpha: float, num_ws: int,
     return ws + alpha * mask * vs.to(ws)
 
 
-def edit_provenance(source_id: str, direction: str, alpha: float, gen_sha: str,
-                    dir_info: dict) -> dict[str, str]:
-    """PNG text chunks of an edited image."""
-    return {"Software": f"cxredit {__version__}", "cxredit:synthetic": "true",
-            "cxredit:edit": "true", "cxredit:source-id": source_id,
-            "cxredit:direction": direction, "cxredit:direction-method": str(dir_info.get("method")),
-            "cxredit:alpha": f"{alpha:g}", "cxredit:generator-sha256": gen_sha,
-            "Description": "SYNTHETIC EDIT made by cxredit (StyleGAN2 latent edit); "
-                           "not a real radiograph, not for diagnosis"}
+def edit_provenance(source_id: str, direction: str, alpha: float | str, gen_sha: str,
+                    dir_info: dict, layers: list[int] | None = None) -> dict[str, str]:
+    """PNG text chunks of an edited image (`alpha` may be a text such as a list of them;
+    `layers`: the W+ layers edited, None = all)."""
+    out = {"Software": f"cxredit {__version__}", "cxredit:synthetic": "true",
+           "cxredit:edit": "true", "cxredit:source-id": source_id,
+           "cxredit:direction": direction, "cxredit:direction-method": str(dir_info.get("method")),
+           "cxredit:alpha": alpha if isinstance(alpha, str) else f"{alpha:g}",
+           "cxredit:generator-sha256": gen_sha,
+           "Description": "SYNTHETIC EDIT made by cxredit (StyleGAN2 latent edit); "
+                          "not a real radiograph, not for diagnosis"}
+    if layers is not None:
+        out["cxredit:layers"] = ",".join(str(i) for i in layers)
+    return out
 
 
 @torch.no_grad()
@@ -79,7 +131,7 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
         {"count", "sweep", "files"}.
     """
     from cxredit.checkpoint import checkpoint_sha256
-    from cxredit.data.io import write_dicom, write_png
+    from cxredit.data.io import output_stems, write_dicom, write_png
     from cxredit.latent.directions import load_direction
     from cxredit.latent.io import load_latents
     from cxredit.runs import find_checkpoint, save_image_grid
@@ -87,6 +139,12 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
 
     if not alphas:
         raise ValueError("--alphas: give at least one value")
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad:
+        raise ValueError(f"--alphas: {bad[0]} is not a finite number")
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {limit}")
+    alphas = list(dict.fromkeys(float(a) for a in alphas))  # each alpha once
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ck = find_checkpoint(gan)
     sha = checkpoint_sha256(ck)
@@ -96,12 +154,17 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
         raise ValueError(f"{latents}: latents were made with another generator "
                          f"({info['generator'].get('path')})")
     v_np, dinfo = load_direction(direction)
-    if w_np.shape[-1] != G.w_dim or v_np.shape[-1] != G.w_dim:
-        raise ValueError(f"w_dim mismatch: latents {w_np.shape[-1]}, direction "
-                         f"{v_np.shape[-1]}, generator {G.w_dim}")
+    try:
+        check_latents(torch.from_numpy(np.asarray(w_np)), G.num_ws, G.w_dim, "latents")
+    except ValueError as e:
+        raise ValueError(f"{latents}: {e}") from None
+    if v_np.shape[-1] != G.w_dim or (v_np.ndim == 2 and v_np.shape[0] != G.num_ws):
+        raise ValueError(f"{direction}: direction of shape {list(v_np.shape)} does not fit the "
+                         f"generator ([{G.w_dim}] or [{G.num_ws}, {G.w_dim}])")
     if limit is not None:
         w_np, ids = w_np[:limit], ids[:limit]
     lay = parse_layers(layers, G.num_ws)
+    stems = output_stems(ids)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     w = torch.from_numpy(np.asarray(w_np, np.float32)).to(dev)
@@ -113,9 +176,9 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
             wa = apply_direction(w[s:s + batch], v, a, G.num_ws, lay)
             imgs = G.synthesis(wa, noise_mode="const").clamp(-1, 1).cpu()
             grid[s:s + batch, j] = imgs
-            for i, img in zip(ids[s:s + batch], imgs):
-                name = f"{Path(i).stem if not i.isdigit() else 'row' + i.zfill(7)}_a{a:g}"
-                meta = edit_provenance(i, str(direction), a, sha, dinfo)
+            for i, stem, img in zip(ids[s:s + batch], stems[s:s + batch], imgs):
+                name = f"{stem}_a{a:g}"
+                meta = edit_provenance(i, str(direction), a, sha, dinfo, lay)
                 arr = (img[0].numpy() + 1) / 2
                 files.append(write_png(out / f"{name}.png", arr, provenance=meta))
                 if dicom:
@@ -123,6 +186,7 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
                                              like=i if Path(i).suffix.lower() in (".dcm", ".dicom")
                                              and Path(i).exists() else None))
     sweep = save_image_grid(grid.flatten(0, 1), out / "sweep.png", nrow=len(alphas),
-                            provenance=edit_provenance("sweep", str(direction), float("nan"), sha,
-                                                       dinfo))
+                            provenance=edit_provenance(
+                                "sweep", str(direction), ",".join(f"{a:g}" for a in alphas), sha,
+                                dinfo, lay))
     return {"count": len(ids), "sweep": str(sweep), "files": len(files)}

@@ -118,6 +118,9 @@ def enlarge_heart(image: np.ndarray, box: HeartBox, scale: float = 1.25,
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
     h, w = image.shape
+    if not (0 <= box.x0 < box.x1 <= w and 0 <= box.y0 < box.y1 <= h):
+        raise ValueError(f"heart box {box.x0:g},{box.y0:g},{box.x1:g},{box.y1:g} does not lie "
+                         f"inside the {w}x{h} image")
     g, D = row_maps((h, w), box, scale, left_share)
     x = np.arange(w, dtype=np.float64)
     src_x = np.empty((h, w))

@@ -42,7 +42,7 @@ def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None
         {"count", "out", "ssim", "psnr"} (means; NaN without metrics).
     """
     from cxredit.checkpoint import checkpoint_sha256
-    from cxredit.data.io import write_png
+    from cxredit.data.io import output_stems, write_png
     from cxredit.runs import find_checkpoint
     from cxredit.train.encoder import load_encoder
     from cxredit.train.gan import load_generator
@@ -62,6 +62,7 @@ def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None
         G = load_generator(gan_path, dev)
     meta = provenance(checkpoint_sha256(find_checkpoint(gan_path)), "encoder reconstruction") \
         if recon_dir else {}
+    stems = output_stems(ids, rows=store is not None)
     ws, ssims, psnrs = [], [], []
     n_batches = math.ceil(len(ids) / batch)
     for b in tqdm(range(n_batches), disable=not progress, desc="invert", unit="batch"):
@@ -74,8 +75,7 @@ def invert(encoder: str | Path, out: str | Path, images: list[str] | None = None
             ssims.append(ssim(rec, x).cpu())
             psnrs.append(psnr(rec, x).cpu())
             if recon_dir:
-                for i, img in zip(ids[sl], rec.cpu()):
-                    name = Path(i).stem if store is None else f"row{int(i):07d}"
+                for name, img in zip(stems[sl], rec.cpu()):
                     write_png(Path(recon_dir) / f"{name}_recon.png", (img[0].numpy() + 1) / 2,
                               provenance=meta)
     w_all = torch.cat(ws).numpy()

@@ -21,6 +21,21 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def read_sidecar(path: str | os.PathLike) -> dict:
+    """The JSON sidecar of a latents/direction `.npz` ({} when there is none); a damaged one
+    is a one-line error naming it."""
+    side = sidecar_path(path)
+    if not side.exists():
+        return {}
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{side}: not a valid sidecar JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{side}: not a valid sidecar JSON (not an object)")
+    return info
+
+
 def save_latents(path: str | os.PathLike, w: np.ndarray, ids: list[str], info: dict,
                  **arrays: np.ndarray) -> Path:
     """Write latents + sidecar.
@@ -71,7 +86,8 @@ def load_latents(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict, 
         raise ValueError(f"{path}: not a readable .npz ({e})") from None
     if "w" not in data or "ids" not in data:
         raise ValueError(f"{path}: not a cxredit latents file (needs 'w' and 'ids')")
-    side = sidecar_path(path)
-    info = json.loads(side.read_text()) if side.exists() else {}
+    info = read_sidecar(path)
     w, ids = data.pop("w"), [str(i) for i in data.pop("ids")]
+    if not ids:
+        raise ValueError(f"{path}: holds no latents (0 rows)")
     return w, ids, info, data

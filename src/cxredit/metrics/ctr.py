@@ -163,14 +163,19 @@ def measure_ctr(segmenter, images: list[str] | None = None, store=None, split: s
     if overlay_dir:
         from scipy.ndimage import binary_erosion
 
-        from cxredit.data.io import write_png
+        from cxredit.data.io import output_stems, read_png_text, write_png
 
-        for k, i in enumerate(ids):
+        for k, (i, name) in enumerate(zip(ids, output_stems(ids, rows=store is not None))):
             img = (x[k, 0].numpy() + 1) / 2
             for c, value in ((0, 1.0), (1, 0.0), (2, 0.0)):  # heart white, lungs black outline
                 edge = masks[k, c] & ~binary_erosion(masks[k, c])
                 img = np.where(edge, value, img)
-            name = Path(i).stem if store is None else f"row{int(i):07d}"
-            write_png(Path(overlay_dir) / f"{name}_ctr.png", img,
-                      provenance={"Description": f"cxredit CTR overlay, CTR {res[k]['ctr']:.3f}"})
+            prov = {"Description": f"cxredit CTR overlay, CTR {res[k]['ctr']:.3f}"}
+            if store is None and Path(i).suffix.lower() == ".png":
+                # an overlay of a cxredit edit is as synthetic as the edit: keep its marks
+                src = {k2: v for k2, v in read_png_text(i).items() if k2.startswith("cxredit:")}
+                if src.get("cxredit:synthetic") == "true":
+                    prov = {**src, "Description": "SYNTHETIC EDIT made by cxredit, with its CTR "
+                            f"overlay (CTR {res[k]['ctr']:.3f}); not for diagnosis"}
+            write_png(Path(overlay_dir) / f"{name}_ctr.png", img, provenance=prov)
     return res

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxredit.checkpoint import checkpoint_sha256, load_checkpoint
+from cxredit.checkpoint import build_module, checkpoint_sha256, load_checkpoint
 from cxredit.config import EncoderTrainConfig
 from cxredit.data.store import ImageStore
 from cxredit.models.encoder import Encoder, encoder_config_for
@@ -182,8 +182,7 @@ def load_encoder(path, device: torch.device | str = "cpu") -> tuple[Encoder, dic
     """
     ck = find_checkpoint(path)
     st = load_checkpoint(ck, kind=CKPT_KIND, map_location=device, keys=["E_config", "E", "gan"])
-    E = Encoder.from_config(st["E_config"])
-    E.load_state_dict(st["E"])
+    E = build_module(ck, lambda: Encoder.from_config(st["E_config"]), st["E"])
     gan = dict(st.get("gan", {}))
     if gan.get("path") and not Path(gan["path"]).is_absolute():  # bundles store "G"
         gan["path"] = str(Path(ck).parent / gan["path"])

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxredit.checkpoint import load_checkpoint
+from cxredit.checkpoint import build_module, load_checkpoint
 from cxredit.config import GanConfig
 from cxredit.data.store import ImageStore
 from cxredit.models.stylegan2 import Discriminator, Generator
@@ -277,10 +277,10 @@ def load_generator(path, device: torch.device | str = "cpu", which: str = "G_ema
     """Rebuild G (default: G_ema) from a GAN checkpoint or run folder, in eval mode."""
     from cxredit.runs import find_checkpoint
 
-    st = load_checkpoint(find_checkpoint(path), kind=CKPT_KIND, map_location=device,
+    ck = find_checkpoint(path)
+    st = load_checkpoint(ck, kind=CKPT_KIND, map_location=device,
                          keys=["G_config", which])  # not D, not the optimizer states
-    G = Generator(**st["G_config"])
-    G.load_state_dict(st[which])
+    G = build_module(ck, lambda: Generator(**st["G_config"]), st[which])
     return G.to(device).eval().requires_grad_(False)
 
 

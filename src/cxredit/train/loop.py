@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cxredit.checkpoint import load_checkpoint, save_checkpoint
+from cxredit.checkpoint import build_module, load_checkpoint, save_checkpoint
 from cxredit.data.store import ImageStore
 from cxredit.runs import Run, find_checkpoint
 from cxredit.train import distributed as dist
@@ -283,8 +283,7 @@ def eval_batches(net: torch.nn.Module, images, batch: int, fn) -> list[torch.Ten
 def load_net(path, kind: str, cls, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Rebuild a single-network model (`net_config` + `net` entries) from a checkpoint or run
     folder, in eval mode without gradients; only those two entries are read."""
-    st = load_checkpoint(find_checkpoint(path), kind=kind, map_location=device,
-                         keys=["net_config", "net"])
-    net = cls.from_config(st["net_config"])
-    net.load_state_dict(st["net"])
+    ck = find_checkpoint(path)
+    st = load_checkpoint(ck, kind=kind, map_location=device, keys=["net_config", "net"])
+    net = build_module(ck, lambda: cls.from_config(st["net_config"]), st["net"])
     return net.to(device).eval().requires_grad_(False)

@@ -19,12 +19,14 @@ from __future__ import annotations
 import html
 import logging
 import re
+from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -56,12 +58,14 @@ def _errors(**codes: str) -> dict:
 class EditRequest(BaseModel):
     id: str = Field(description="latent id from /api/encode or a finished /api/project job")
     direction: str = Field(description="direction name, one of /api/health's directions")
-    alpha: float = Field(description="edit strength; |alpha| <= the server's max_alpha")
+    # strict: JSON numbers only (lax mode would read `true` as 1.0 and "2" as 2.0)
+    alpha: float = Field(strict=True,
+                         description="edit strength; |alpha| <= the server's max_alpha")
 
 
 class ProjectRequest(BaseModel):
     id: str = Field(description="latent id to start from")
-    steps: int = Field(100, description="projection steps, 1..max_project_steps")
+    steps: int = Field(100, strict=True, description="projection steps, 1..max_project_steps")
 
 
 class _LimitedBody:
@@ -109,6 +113,34 @@ class _LimitedBody:
             if started or e.status_code != 413:
                 raise
             await JSONResponse({"detail": e.detail}, 413)(scope, receive, send_with_headers)
+
+
+_LOCATIONS = {"query": "query parameter ", "path": "path parameter ", "header": "header ",
+              "cookie": "cookie "}
+
+
+def validation_detail(errors: Sequence[dict]) -> str:
+    """One line for FastAPI's request-validation errors (the API's `ErrorBody.detail`), e.g.
+    "invalid request: alpha: Input should be a valid number (got 'abc')"."""
+    parts = []
+    for err in errors:
+        loc = [str(x) for x in err.get("loc", ())]
+        where = loc.pop(0) if loc and loc[0] in ("body", *_LOCATIONS) else "body"
+        msg = " ".join(str(err.get("msg", "invalid")).split())
+        if err.get("type") == "json_invalid":
+            why = (err.get("ctx") or {}).get("error")
+            parts.append("the body is not valid JSON" + (f" ({why})" if why else ""))
+            continue
+        if not loc:
+            parts.append(f"request {where}: {msg}")
+            continue
+        value = err.get("input")
+        if err.get("type") != "missing" and (value is None or
+                                             isinstance(value, (bool, int, float, str))):
+            got = repr(value)
+            msg += f" (got {got[:40] + '...' if len(got) > 40 else got})"
+        parts.append(f"{_LOCATIONS.get(where, '')}{'.'.join(loc)}: {msg}")
+    return "invalid request: " + ("; ".join(parts) or "malformed")
 
 
 async def _read_form(request: Request, max_bytes: int) -> tuple[bytes | None, str | None, str]:
@@ -179,6 +211,11 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse({"detail": exc.detail}, exc.status)
 
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        # FastAPI's default body is a list of objects; the API documents ErrorBody (one line).
+        return JSONResponse({"detail": validation_detail(exc.errors())}, 422)
+
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -233,7 +270,7 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
              response_class=Response,
              responses={200: {"content": {"image/png": {}}},
                         **_errors(e404="unknown latent id or direction",
-                                  e422="alpha out of range")})
+                                  e422="alpha out of range or malformed request")})
     def edit_png(id: str = Query(description="latent id"),
                  direction: str = Query(description="direction name"),
                  alpha: float = Query(description="edit strength")):
@@ -246,12 +283,13 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
               description="Starts `steps` optimisation steps from the latent (in the "
                           "background, one job at a time). Poll /api/project/{job}; when done, "
                           "its result holds a new latent id.",
-              responses=_errors(e404="unknown latent id", e422="steps out of range"))
+              responses=_errors(e404="unknown latent id",
+                                e422="steps out of range or malformed request"))
     def project(req: ProjectRequest) -> dict:
         return {"job": engine.start_projection(req.id, req.steps), "steps": req.steps}
 
     @app.get("/api/project/{job}", summary="Progress and result of a projection job",
-             responses=_errors(e404="unknown job id"))
+             responses=_errors(e404="unknown job id", e422="malformed request"))
     def project_status(job: str) -> dict:
         return engine.job(job)
 
@@ -303,12 +341,24 @@ def render_docs(schema: dict) -> str:
 
 def serve(weights: str | Path = "weights/demo", host: str = "127.0.0.1", port: int = 7860,
           device: str | None = None, **limits) -> None:
-    """Run the editing page with uvicorn until interrupted (see `create_app` for `limits`)."""
+    """Run the editing page with uvicorn until interrupted (see `create_app` for `limits`).
+
+    Args:
+        port: TCP port, 1..65535, or 0 for a free port chosen by the system (uvicorn's
+            "running on" line names it).
+    """
     import uvicorn
 
+    check_port(port)
     app = create_app(weights, device=device, **limits)
     if host not in LOCAL_HOSTS:
         log.warning("serving on %s: anyone who can reach this machine can use the page", host)
-    log.info("cxredit editing page on http://%s:%d/ (API docs at /docs)",
-             f"[{host}]" if ":" in host else host, port)
+    log.info("cxredit editing page on http://%s:%s/ (API docs at /docs)",
+             f"[{host}]" if ":" in host else host, port or "<free port>")
     uvicorn.run(app, host=host, port=port, log_level="info")
+
+
+def check_port(port: int) -> None:
+    """ValueError unless `port` is a TCP port to bind: 1..65535, or 0 (a free one)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port must be in 1..65535 (or 0 for a free port), got {port}")

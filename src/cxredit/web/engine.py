@@ -300,9 +300,11 @@ class EditEngine:
                                     "the image again") from None
 
     def _describe(self, key: str, lat: Latent, input01: np.ndarray | None = None) -> dict:
+        # The input echo is the user's own image (or a phantom), not G's output: no chunks.
         out = {"id": key, "source": lat.source, "steps": lat.steps,
                "resolution": self.resolution,
-               "reconstruction": data_url(png_bytes(lat.recon)),
+               "reconstruction": data_url(png_bytes(lat.recon,
+                                                    self.recon_provenance(key, lat))),
                "ctr_input": lat.ctr_input, "ctr_reconstruction": lat.ctr_recon,
                "mse": float(np.mean((lat.recon - self._unit(lat.target)) ** 2))}
         if input01 is not None:
@@ -314,7 +316,8 @@ class EditEngine:
 
         Returns:
             {"id", "source", "steps", "resolution", "input" and "reconstruction" (PNG data
-            URLs at the model's resolution), "ctr_input", "ctr_reconstruction", "mse"}.
+            URLs at the model's resolution; the reconstruction carries `recon_provenance`),
+            "ctr_input", "ctr_reconstruction", "mse"}.
         """
         from cxredit.data.io import to_square
 
@@ -354,14 +357,16 @@ class EditEngine:
 
         Returns:
             {"id", "direction", "alpha", "image" (PNG data URL with provenance), "diff" (PNG
-            data URL, see `diff_map`), "max_abs_diff", "ctr", "ctr_reconstruction"}.
+            data URL, see `diff_map`, with `diff_provenance`), "max_abs_diff", "ctr",
+            "ctr_reconstruction"}.
         """
         lat, img = self._edit(latent_id, direction, alpha)
         edited = self._unit(img)
+        meta = self.provenance(latent_id, lat, direction, alpha)
         return {"id": latent_id, "direction": direction, "alpha": float(alpha),
-                "image": data_url(png_bytes(edited, self.provenance(latent_id, lat, direction,
-                                                                    alpha))),
-                "diff": data_url(png_bytes(diff_map(edited, lat.recon))),
+                "image": data_url(png_bytes(edited, meta)),
+                "diff": data_url(png_bytes(diff_map(edited, lat.recon),
+                                           self.diff_provenance(meta))),
                 "max_abs_diff": float(np.abs(edited - lat.recon).max()),
                 "ctr": self._ctr(img)[0], "ctr_reconstruction": lat.ctr_recon}
 
@@ -377,6 +382,30 @@ class EditEngine:
                                self.bundle.generator_sha256, self.directions[direction][1])
         meta["cxredit:projection-steps"] = str(lat.steps)
         return meta
+
+    def recon_provenance(self, latent_id: str, lat: Latent) -> dict:
+        """PNG text chunks of a reconstruction G(w): the keys and wording of `cxredit invert
+        --recon-dir` / `project --recon-dir` (`cxredit.generate.provenance`), plus the source
+        and projection steps that an edit's chunks carry (a reconstruction is alpha = 0)."""
+        from cxredit.generate import provenance
+
+        what = ("projection reconstruction" if lat.steps else
+                "encoder reconstruction" if self.E is not None else
+                "image of the mean latent; no encoder in the bundle")
+        meta = provenance(self.bundle.generator_sha256, what)
+        meta["cxredit:source-id"] = f"{lat.source} latent:{latent_id}"
+        meta["cxredit:projection-steps"] = str(lat.steps)
+        return meta
+
+    @staticmethod
+    def diff_provenance(edit_meta: dict) -> dict:
+        """PNG text chunks of an edit's difference map: the edit's own chunks (it is computed
+        from a synthetic edit) with what the colours mean."""
+        return {**edit_meta, "cxredit:derived": "difference map: edited - reconstruction",
+                "cxredit:diff-scale": f"{DIFF_RANGE:g}",
+                "Description": "DIFFERENCE MAP of a SYNTHETIC EDIT made by cxredit (edited "
+                               "minus reconstruction; red brighter, blue darker, full colour "
+                               f"at {DIFF_RANGE:g}); not a radiograph, not for diagnosis"}
 
     # --------------------------------------------------------------------- projection
     def start_projection(self, latent_id: str, steps: int) -> str:
