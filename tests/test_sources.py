@@ -220,6 +220,14 @@ def test_mimic_and_nih_blank_ids_name_file_and_row(mimic, tmp_path):
         index_nih(nih)
 
 
+def test_mimic_repeated_dicom_id_kept_once(mimic, caplog):
+    with gzip.open(mimic / "mimic-cxr-2.0.0-metadata.csv.gz", "wt") as f:
+        f.write(MIMIC_META + MIMIC_META.splitlines()[1] + "\n")
+    df = index_mimic(mimic)
+    assert df["dicom_id"].tolist() == ["a1", "a2", "b1", "c1"]
+    assert "more than once" in caplog.text
+
+
 def test_mimic_missing_csv(tmp_path):
     with pytest.raises(ValueError, match=r"mimic-cxr-2\.0\.0-metadata\.csv"):
         index_mimic(tmp_path)

@@ -205,3 +205,16 @@ def test_ctr_overlay_of_an_edit_stays_marked_synthetic(work, tmp_path):
     assert marked["cxredit:synthetic"] == "true" and marked["cxredit:alpha"] == "2"
     assert "SYNTHETIC" in marked["Description"]
     assert "cxredit:synthetic" not in read_png_text(tmp_path / "ov" / "real_ctr.png")
+
+
+def test_latents_from_another_store_warn(work, tiny_bundle, caplog):
+    from cxredit.latent.separability import load_joined
+
+    w, ids, _, _ = load_latents(work / "lat.npz")
+    store = tiny_bundle.parent / "store"
+    save_latents(work / "own.npz", w, ids, {"source": {"store": str(store)}})
+    save_latents(work / "other.npz", w, ids, {"source": {"store": str(work / "elsewhere")}})
+    load_joined(work / "own.npz", store)
+    assert "made from the store" not in caplog.text
+    load_joined(work / "other.npz", store)
+    assert f"made from the store {work / 'elsewhere'}, not {store}" in caplog.text

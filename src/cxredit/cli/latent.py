@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from cxredit.cli._common import _add_image_source, _add_runtime, command
 
@@ -29,8 +30,9 @@ def run_invert(args: argparse.Namespace) -> int:
                  query=args.query, gan=args.gan, batch=args.batch, recon_dir=args.recon_dir,
                  metrics=not args.no_metrics, device=args.device,
                  progress=not args.no_progress)
-    print(f"{res['out']}: {res['count']} latents; mean SSIM {res['ssim']:.3f}, "
-          f"PSNR {res['psnr']:.2f} dB")
+    quality = "" if not math.isfinite(res["ssim"]) else \
+        f"; mean SSIM {res['ssim']:.3f}, PSNR {res['psnr']:.2f} dB"
+    print(f"{res['out']}: {res['count']} latents{quality}")
     return 0
 
 

@@ -248,6 +248,11 @@ def index_mimic(root: str | os.PathLike) -> pd.DataFrame:
     meta = _read_csv(meta_csv, ["dicom_id", *ids, "ViewPosition"], "MIMIC-CXR-JPG",
                      dtype={"dicom_id": str, "ViewPosition": str,
                             "ViewCodeSequence_CodeMeaning": str})
+    dup = meta["dicom_id"].duplicated()
+    if dup.any():  # one image, listed twice: store it once
+        log.warning("MIMIC-CXR-JPG: %s lists %d dicom_id(s) more than once; each is kept once",
+                    meta_csv, int(dup.sum()))
+        meta = meta[~dup].reset_index(drop=True)
     labels = _read_csv(label_csv, [*ids, *OBSERVATIONS], "MIMIC-CXR-JPG")
     for col in ids:
         meta[col] = _whole_numbers(meta, col, meta_csv, "MIMIC-CXR-JPG")

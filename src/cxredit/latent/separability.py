@@ -381,6 +381,11 @@ def load_joined(latents: str | os.PathLike, meta: str | os.PathLike) -> dict:
     from cxredit.latent.io import load_latents
 
     w, ids, info, _ = load_latents(latents)
+    made_from = (info.get("source") or {}).get("store")
+    if made_from and Path(meta).is_dir() and Path(made_from).resolve() != Path(meta).resolve():
+        # store rows are matched by number: another store's rows carry other people's labels
+        log.warning("%s: these latents were made from the store %s, not %s; its labels are "
+                    "used as given", latents, made_from, meta)
     return {"w": w, "ids": ids, "info": info, "meta": join_meta(ids, read_meta(meta))}
 
 
