@@ -24,7 +24,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({cpu}), "
+    gpu = ""
+    if torch.cuda.is_available():
+        gpu = f", GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return (f"{time.strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores ({cpu}){gpu}, "
             f"Python {platform.python_version()}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads)")
 

@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     n = args.batch
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, "
           f"batch {n}, {args.stat} of {args.repeat} after {args.warmup} warmup, "
-          f"fused_modconv {args.fused_modconv}, {platform.machine()} {os.cpu_count()} CPUs")
+          f"fused_modconv {args.fused_modconv}, {platform.machine()} {os.cpu_count()} CPUs"
+          + (f", {torch.cuda.get_device_name(0)}" if args.device.startswith("cuda") else ""))
     print()
     mem = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS MiB"
     step = " train step s (img/s) |" if args.train_step else ""
