@@ -49,7 +49,9 @@ def test_separability_cli_writes_numbers_and_figure(pipeline, capsys):
     for k in ("separation", "separation_cv", "auc", "balanced_accuracy"):
         assert np.isfinite(doc[k]), k
     assert (out / "separability.png").stat().st_size > 1000
-    assert "cross-validated" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cross-validated" in printed and f"({n_pos}) vs " in printed
+    assert f"({64 - n_pos}): separation" in printed and "{" not in printed
 
 
 def test_directions_and_edits_cli(pipeline, capsys):

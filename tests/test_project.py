@@ -116,7 +116,11 @@ def test_project_images_validation(G, caplog, monkeypatch):
     with pytest.raises(ValueError, match="LIN_WEIGHTS,VGG16_WEIGHTS"):
         project_images(G, x, steps=1, lpips_weights="vgg.pth")
     with pytest.raises(ValueError, match="init must be"):
-        project_images(G, x, space="w", init=torch.zeros(2, G.num_ws, G.w_dim), steps=1)
+        project_images(G, x, space="w", init=torch.zeros(3, G.num_ws, G.w_dim), steps=1)
+    # a W+ start (a W+ encoder's guess) of a W projection starts from its layer mean
+    wp = torch.randn(2, G.num_ws, G.w_dim, generator=torch.Generator().manual_seed(1))
+    one = project_images(G, x, space="w", init=wp, steps=1)
+    torch.testing.assert_close(one["w"], wp.mean(1))
     with pytest.raises(ValueError, match="space"):
         project_images(G, x, space="z", steps=1)
     monkeypatch.setattr(proj, "_lpips_note_logged", False)

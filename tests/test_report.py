@@ -28,7 +28,7 @@ def full_metrics() -> dict:
     return {
         "format": "cxredit.metrics", "format_version": 1,
         "created": "2026-11-27T10:00:00Z", "command": "cxredit evaluate runs/x <script>alert(1)"
-        "</script>", "cxredit_version": "0.1.0",
+        "</script>", "cxredit_version": "0.1.0", "seconds": 12.5,
         "models": {"generator": {"path": "runs/gan/checkpoints/ckpt-000100.json",
                                  "sha256": "ab" * 32, "config": {"resolution": 64, "w_dim": 128}},
                    "encoder": {"path": "runs/enc", "sha256": "cd" * 32,
@@ -114,6 +114,9 @@ def test_full_report_has_every_section_inlined_images_and_numbers(tmp_path):
     assert "ab" * 32 in prov and "<details>" in prov and "&quot;w_dim&quot;: 128" in prov
     assert "cross-validated" in section(page, "separability")
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    head = page.split("<main>")[0]
+    assert "Synthetic images." in head and "none is for diagnosis" in head
+    assert "Unfinished evaluation" not in page
 
 
 def test_strings_are_escaped(tmp_path):
@@ -166,6 +169,7 @@ def test_minimal_metrics_render_every_section_with_notes(tmp_path):
         assert "not measured in this run" in section(page, sid), sid
     assert not img_srcs(page)
     assert_self_contained(page)
+    assert "Unfinished evaluation" in page.split("<main>")[0]  # no "seconds": it stopped early
 
 
 def test_malformed_sections_become_notes_not_crashes(tmp_path):

@@ -218,3 +218,15 @@ def test_latents_from_another_store_warn(work, tiny_bundle, caplog):
     assert "made from the store" not in caplog.text
     load_joined(work / "other.npz", store)
     assert f"made from the store {work / 'elsewhere'}, not {store}" in caplog.text
+
+
+def test_direction_compare_and_svm_errors_name_the_problem(work):
+    from cxredit.latent.directions import compare, svm_direction
+
+    save_direction(work / "d3.npz", np.ones(3), {"method": "x"})
+    pair = work / "bundle" / "directions" / "pair.npz"
+    with pytest.raises(ValueError, match=f"{pair} vs {work / 'd3.npz'}: cannot compare"):
+        compare([pair, work / "d3.npz"])
+    w = np.random.default_rng(0).standard_normal((8, 4))
+    with pytest.raises(ValueError, match="--C .* positive"):
+        svm_direction(w, np.arange(8) % 2 == 0, C=-1)

@@ -147,7 +147,8 @@ def print_summary(m: dict, out: Path) -> None:
             print(f"  true counterfactual SSIM of the edits {_fmt(min(tcf))} (worst alpha) to "
                   f"{_fmt(max(tcf))}")
     for t in m.get("targets", []):
-        print(f"  {'met   ' if t['met'] else 'MISSED'} {t['name']}: {_fmt(t['value'])} "
+        status = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        print(f"  {status} {t['name']}: {_fmt(t['value'])} "
               f"(target {t['target']})")
     print(f"  time               {m.get('demo_seconds')} s")
     print(f"  report             {m.get('report')}")

@@ -298,6 +298,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
                                np.flatnonzero(lab)[:n_project]]) if n_project > 0 else \
         np.zeros(0, np.int64)
     w_proj = None
+    if n_project == 0:
+        m["skipped"]["projection"] = "n_project is 0"
     if len(proj_idx):
         init = w_enc[proj_idx] if w_enc is not None else \
             b.G.mapping.w_avg.detach().cpu().expand(len(proj_idx), -1)
@@ -389,7 +391,8 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
             val = val.get(key) if isinstance(val, dict) else None
         ok = val is not None and np.isfinite(val)
         m["targets"].append({"name": name, "value": float(val) if ok else None,
-                             "target": f">= {thr:g}", "met": bool(ok and val >= thr)})
+                             "target": f">= {thr:g}",
+                             "met": bool(val >= thr) if ok else None})  # None: not measured
     m["seconds"] = round(time.time() - t0, 1)
     _write_json(mpath, m)
     return m
@@ -435,5 +438,7 @@ def _edits(b, w_edit: torch.Tensor, pool: torch.Tensor, direction: str,
         edit["lec"]["alpha"] = max(alphas)
     imgs = sweep["images"]
     save_image_grid(imgs.flatten(0, 1), out / "edit_sweep.png", nrow=imgs.shape[1],
-                    provenance=edit_provenance("sweep", direction, float("nan"), gen_sha, v_info))
+                    provenance=edit_provenance(
+                        "sweep", direction, ",".join(f"{a:g} sigma" for a in alphas), gen_sha,
+                        v_info))
     return edit

@@ -36,6 +36,17 @@ PIPELINE_ORDER = ("prepare", "phantoms", "info", "train-gan", "generate", "train
                   "make-weights", "evaluate", "report", "serve", "demo")
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help unless X is None or False (nothing to say)
+    or the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (one subparser per registered command)."""
     parser = argparse.ArgumentParser(
@@ -49,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     order = {name: i for i, name in enumerate(PIPELINE_ORDER)}
     for name, help_, add, run in sorted(_COMMANDS, key=lambda c: order.get(c[0], len(order))):
         p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsHelp)
         add(p)
         p.set_defaults(_run=run)
     return parser

@@ -222,7 +222,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
                  metrics_name=name, project_space=args.project_space)
     for t in m["targets"]:
         val = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"{'met   ' if t['met'] else 'missed'} {t['name']}: {val} (target {t['target']})")
+        status = {True: "met   ", False: "missed", None: "n/a   "}[t["met"]]
+        print(f"{status} {t['name']}: {val} (target {t['target']})")
     for stage, why in m.get("skipped", {}).items():
         print(f"skipped {stage}: {why}")
     if args.report:

@@ -171,8 +171,9 @@ def run_separability_cmd(args: argparse.Namespace) -> int:
     doc = run_separability(args.latents, args.meta, args.column, _value(args.positive),
                            args.negative_query, args.where, args.flatten, args.shrinkage,
                            args.folds, args.seed, args.out)
-    c = doc["counts"]
-    print(f"{c}: separation {doc['separation']:.2f} in-sample, {doc['separation_cv']:.2f} "
+    c, sel = doc["counts"], doc["query"]
+    print(f"{sel['positive']} ({c['positive']}) vs {sel['negative']} ({c['negative']}): "
+          f"separation {doc['separation']:.2f} in-sample, {doc['separation_cv']:.2f} "
           f"cross-validated; AUC {doc['auc']:.3f}, balanced accuracy "
           f"{doc['balanced_accuracy']:.3f} (held out)")
     return 0

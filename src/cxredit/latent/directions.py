@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -144,6 +145,8 @@ def svm_direction(w: np.ndarray, labels: np.ndarray, C: float = 1.0) -> np.ndarr
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
+    if not (math.isfinite(C) and C > 0):
+        raise ValueError(f"--C (SVM regularisation) must be a positive number, got {C}")
     X, shape = _flat(w)
     y = check_labels(labels, len(X))
     svm = LinearSVC(C=float(C), class_weight="balanced", max_iter=20000, random_state=0)
@@ -286,7 +289,10 @@ def compare(paths: Sequence[str | os.PathLike]) -> np.ndarray:
     m = np.eye(n)
     for i in range(n):
         for j in range(i + 1, n):
-            m[i, j] = m[j, i] = cosine(loaded[i][0], loaded[j][0])
+            try:
+                m[i, j] = m[j, i] = cosine(loaded[i][0], loaded[j][0])
+            except ValueError as e:
+                raise ValueError(f"{paths[i]} vs {paths[j]}: {e}") from None
     return m
 
 

@@ -64,9 +64,13 @@ def _w_stats(G: Generator) -> tuple[Tensor, float]:
 
 
 def _initial_w(init: Tensor | None, w_avg: Tensor, n: int, space: str, num_ws: int) -> Tensor:
-    """Start latents: [n, w_dim] ("w") or [n, num_ws, w_dim] ("w+"); W inputs are broadcast."""
+    """Start latents: [n, w_dim] ("w") or [n, num_ws, w_dim] ("w+"); W inputs are broadcast,
+    and a W+ start (e.g. a W+ encoder's guess) of a W projection is its mean over layers (the
+    w whose broadcast is nearest to it)."""
     w0 = w_avg if init is None else init.detach().to(w_avg.device).float()
     w0 = w0.expand(n, -1) if w0.ndim == 1 else w0
+    if space == "w" and w0.ndim == 3 and w0.shape[1] == num_ws:
+        w0 = w0.mean(dim=1)
     if space == "w+" and w0.ndim == 2:
         w0 = w0.unsqueeze(1).expand(-1, num_ws, -1)
     want = [n, len(w_avg)] if space == "w" else [n, num_ws, len(w_avg)]

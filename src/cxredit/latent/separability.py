@@ -445,7 +445,7 @@ def run_separability(latents_path: str | os.PathLike, meta_csv: str | os.PathLik
         "inputs": {"latents": str(latents_path), "meta": str(meta_csv),
                    "generator": info.get("generator"), "space": info.get("space"),
                    "latents_method": info.get("method"), "latents_count": len(joined["ids"])},
-        "query": {"column": column, "positive": positive, **data["selection"]},
+        "query": {"column": column, "positive_value": positive, **data["selection"]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cxredit": __version__,
         "outputs": {"json": str(out / "separability.json"), "png": str(png),
                     "projections": str(out / "projections.csv")},

@@ -244,13 +244,21 @@ def render_page(metrics: dict, base_dir: Path, sections: dict[str, Callable[[Con
     sub = " · ".join(esc(x) for x in (metrics.get("created"), command_text(metrics)) if x)
     nav = "".join(f'<a href="#{sid}">{esc(title)}</a>' for sid, title in SECTIONS)
     version = metrics.get("cxredit_version")
+    notices = ('<p class="warn"><b>Synthetic images.</b> Every sample, reconstruction and edit '
+               "on this page was made by a generative model (cxredit; each PNG also carries "
+               "this in its metadata): none is a real radiograph, and none is for "
+               "diagnosis.</p>")
+    if "seconds" not in metrics:  # written last: without it, the run stopped part-way
+        notices += ('<p class="warn"><b>Unfinished evaluation.</b> metrics.json holds only the '
+                    "stages finished before the run stopped; run it again (finished work is "
+                    "reused) to complete this report.</p>")
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>cxredit report: {esc(Path(base_dir).resolve().name)}</title>"
         f"<style>{_CSS}</style></head><body>"
         f"<header><h1>cxredit evaluation report</h1><p class=\"sub\">{sub}</p>"
-        f"<nav>{nav}</nav></header><main>{''.join(parts)}</main>"
+        f"<nav>{nav}</nav>{notices}</header><main>{''.join(parts)}</main>"
         f"<footer>Written by cxredit report from metrics.json"
         f"{' of cxredit ' + esc(version) if version else ''}. Self-contained: every image is "
         "inlined; the file opens offline.</footer></body></html>\n")

@@ -83,7 +83,7 @@ def summary(ctx: Context) -> str:
         met = t.get("met")
         badge = ('<span class="badge met">met</span>' if met is True else
                  '<span class="badge missed">missed</span>' if met is False else
-                 '<span class="badge">unknown</span>')
+                 '<span class="badge">not measured</span>')
         rows.append([f"<td>{esc(t.get('name', '?'))}</td>", td(t.get("value")),
                      f"<td>{esc(t.get('target', ''))}</td>", f"<td>{badge}</td>"])
     n_met = sum(t.get("met") is True for t in targets)
