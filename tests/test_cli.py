@@ -63,3 +63,18 @@ def test_console_script_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "cxredit.cli", "--version"], capture_output=True,
                          text=True, check=True)
     assert out.stdout.startswith("cxredit ")
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--seeds", "0,5-2"], "reversed"), (["--seeds", "0-"], "'0-' is not a seed"),
+    (["--seeds", "a"], "'a' is not a seed"), (["--seeds", "99999999999999999999"], "2^32"),
+    (["--seeds", "0-999999999999"], "2^32"), (["--seeds", "0-200000"], "more than 100,000"),
+    (["--trunc", "nan"], "--trunc"), (["--trunc", "1e9"], "--trunc"),
+    (["--interpolate", "-3"], "--interpolate"), (["--seeds", "4", "--interpolate", "3"],
+                                                 "at least two --seeds"),
+])
+def test_generate_options_are_checked_before_loading(tmp_path, capsys, extra, words):
+    assert main(["generate", "--ckpt", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                 *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err and "nowhere" not in err

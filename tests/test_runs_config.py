@@ -38,13 +38,18 @@ def test_parse_overrides_types():
 def test_run_folder_prune_stats_and_lookup(tmp_path):
     run = Run(tmp_path / "r")
     run.write_config({"a": 1}, kind="gan")
-    with pytest.raises(RunError, match="already exists"):
-        Run(tmp_path / "r")
+    run.log({"step": 0})
+    # a run that stopped before its first checkpoint holds nothing to keep: a new start
+    # replaces it (its stats are dropped)
+    run = Run(tmp_path / "r")
+    assert run.read_stats() == []
     with pytest.raises(RunError, match="nothing to resume"):
         Run(tmp_path / "other", resume=True)
     for step in (10, 20, 30, 40, 50):
         save_checkpoint(run.checkpoint_path(step), {"w": torch.full([2], float(step))}, "gan")
         run.log({"step": step, "loss": step / 10})
+    with pytest.raises(RunError, match="already exists"):
+        Run(tmp_path / "r")
     run.prune(keep=2, keep_steps={20})
     assert [s for s, _ in run.checkpoints()] == [20, 40, 50]
     assert run.latest_checkpoint().name == "ckpt-00000050.json"
@@ -72,3 +77,29 @@ def test_train_seconds_sums_kept_ticks(tmp_path):
     run.truncate_stats(20)
     run.log({"step": 30, "kimg": 2.0, "sec_per_kimg": 5.0})
     assert run.train_seconds() == pytest.approx(0.5 * 4 + 0.5 * 2 + 1.0 * 5)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("z_dim", 0, "z_dim must be positive"), ("channel_base", 0, "channel_base"),
+    ("w_dim", -3, "w_dim"), ("mbstd_group", 0, "mbstd_group"),
+    ("pl_batch_shrink", 0, "pl_batch_shrink"), ("betas", (0.5,), "betas must be two"),
+    ("mapping_layers", 0, "mapping_layers"), ("d_lr", -1.0, "d_lr must be positive"),
+    ("g_lr", 0.0, "g_lr"), ("kimg", float("nan"), "kimg must be a finite number"),
+    ("gamma", -1.0, "gamma must be >= 0"), ("style_mixing", 2.0, "style_mixing must be in"),
+    ("ema_kimg", 0.0, "ema_kimg"), ("r1_interval", -1, "r1_interval"),
+    ("keep_checkpoints", 0, "keep_checkpoints must be positive"),
+])
+def test_gan_config_rejects_values_that_would_break_training(field, value, words):
+    with pytest.raises(ValueError, match=words):
+        preset("tiny").replace(**{field: value})
+
+
+def test_encoder_config_and_bool_overrides_are_checked():
+    from cxredit.config import EncoderTrainConfig
+
+    with pytest.raises(ValueError, match="cannot parse 'maybe'"):
+        parse_overrides(["real_cycle=maybe"], EncoderTrainConfig)
+    assert parse_overrides(["real_cycle=off"], EncoderTrainConfig) == {"real_cycle": False}
+    for bad in ({"keep_checkpoints": 0}, {"real_ssim": -1.0}, {"betas": (0.9, 1.0)}):
+        with pytest.raises(ValueError):
+            EncoderTrainConfig(**bad)

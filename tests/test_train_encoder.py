@@ -9,6 +9,7 @@ import torch
 from cxredit.checkpoint import checkpoint_sha256, load_checkpoint
 from cxredit.cli import main
 from cxredit.config import encoder_train_preset, preset
+from cxredit.data.io import read_png_text
 from cxredit.data.store import ImageStore
 from cxredit.latent.io import load_latents
 from cxredit.runs import Run
@@ -98,6 +99,7 @@ def test_encoder_exact_resume(gan_and_store, tmp_path):
     assert a["gan"]["sha256"] == checkpoint_sha256(Run(gan, resume=True).latest_checkpoint())
     recon = sorted((tmp_path / "full" / "samples").glob("recon-*.png"))
     assert [p.name for p in recon] == ["recon-00000010.png", "recon-00000020.png"]
+    assert read_png_text(recon[0])["cxredit:synthetic"] == "true"
     evals = [r for r in Run(tmp_path / "full", resume=True).read_stats() if "eval/ssim_syn" in r]
     assert len(evals) == 2 and all(-1 <= r["eval/ssim_real"] <= 1 for r in evals)
 

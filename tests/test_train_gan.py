@@ -9,9 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from cxredit.checkpoint import load_checkpoint
+from cxredit.checkpoint import checkpoint_sha256, load_checkpoint
 from cxredit.cli import main
 from cxredit.config import preset
+from cxredit.data.io import read_png_text
 from cxredit.data.store import ImageStore, StoreWriter
 from cxredit.runs import Run
 from cxredit.train.gan import GanTrainer, NonFiniteLossError, load_generator, train_gan
@@ -54,6 +55,9 @@ def test_short_run_losses_finite_and_D_separates(tmp_path):
     assert stats[-1]["step"] == tr.total_steps == 40
     ck = Run(tmp_path / "run", resume=True).latest_checkpoint()
     assert ck is not None and (tmp_path / "run" / "samples" / "samples-00000040.png").exists()
+    text = read_png_text(tmp_path / "run" / "samples" / "samples-00000040.png")
+    assert text["cxredit:synthetic"] == "true"
+    assert text["cxredit:generator-sha256"] == checkpoint_sha256(ck)
 
 
 @pytest.mark.slow
@@ -122,12 +126,43 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
             tr.accumulate("loss/G", torch.tensor(float("nan")))
 
     monkeypatch.setattr(tr, "g_step", poisoned)
-    with pytest.raises(NonFiniteLossError, match="NaN/Inf"):
+    with pytest.raises(NonFiniteLossError, match=r"NaN/Inf .* \(ckpt-00000004.json\) is kept"):
         tr.fit()
     ck = run.latest_checkpoint()
     assert ck is not None and load_checkpoint(ck)["step"] == 4
     G = load_generator(tmp_path / "run")
     assert all(torch.isfinite(p).all() for p in G.parameters())
+
+
+def test_cli_failed_start_nan_and_resume_before_first_checkpoint(tmp_path, capsys,
+                                                                   monkeypatch):
+    from cxredit.train.loop import Trainer
+
+    _blob_store(tmp_path / "s", n=16)
+    _blob_store(tmp_path / "s32", n=16, r=32)
+    args = ["train-gan", "--out", str(tmp_path / "run"), "--preset", "tiny", "--kimg", "0.016",
+            "--snap-kimg", "0.016", "--batch", "8", "--set", "resolution=16", "--set",
+            "channel_base=128", "--set", "w_dim=16", "--set", "z_dim=16", "--no-progress"]
+    # a start that fails (store of another size) leaves no checkpoint: the folder is reusable
+    assert main([*args, "--data", str(tmp_path / "s32")]) == 2
+    assert "--set resolution=" in capsys.readouterr().err
+    assert (tmp_path / "run" / "config.json").exists()
+
+    def nan(self):
+        raise NonFiniteLossError("a loss became NaN/Inf\nsecond line")
+
+    monkeypatch.setattr(Trainer, "check_finite", nan)
+    assert main([*args, "--data", str(tmp_path / "s")]) == 2  # one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert err == "cxredit train-gan: error: a loss became NaN/Inf"
+    monkeypatch.undo()
+    # --resume with no checkpoint yet starts from step 0 with the run's config
+    assert main(["train-gan", "--data", str(tmp_path / "s"), "--out", str(tmp_path / "run"),
+                 "--resume", "--no-progress"]) == 0
+    assert Run(tmp_path / "run", resume=True).latest_checkpoint() is not None
+    # now it holds a checkpoint: a new start there is refused
+    assert main([*args, "--data", str(tmp_path / "s")]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_cli_train_and_generate(tmp_path, capsys):

@@ -37,6 +37,30 @@ class DictConfig:
         return dataclasses.replace(self, **changes)
 
 
+def check_fields(cfg, positive: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),
+                 unit: tuple[str, ...] = (), betas: str | None = None) -> None:
+    """One-line ValueErrors for numeric fields of a config: `positive` (> 0), `nonnegative`
+    (>= 0), `unit` (in [0, 1]), all finite; `betas`: a pair in [0, 1) (Adam)."""
+    def num(name):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+        return v
+    for name in positive:
+        if num(name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(cfg, name)}")
+    for name in nonnegative:
+        if num(name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in unit:
+        if not 0 <= num(name) <= 1:
+            raise ValueError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    if betas is not None:
+        b = getattr(cfg, betas)
+        if len(b) != 2 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in b):
+            raise ValueError(f"{betas} must be two numbers in [0, 1), e.g. 0.0,0.99; got {b}")
+
+
 @dataclass
 class GanConfig(DictConfig):
     """Everything that defines a StyleGAN2 training run (NVlabs 'auto'-style hyper-parameters)."""
@@ -92,8 +116,19 @@ class GanConfig(DictConfig):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0:
             raise ValueError("batch, kimg and snap_kimg must be positive")
-        if not 0 <= self.aug_p <= 1:
-            raise ValueError(f"aug_p must be in [0, 1], got {self.aug_p}")
+        check_fields(self, positive=("z_dim", "w_dim", "mapping_layers", "channel_base",
+                                     "channel_max", "mbstd_group", "batch", "g_lr", "d_lr",
+                                     "pl_interval", "pl_batch_shrink", "ema_kimg",
+                                     "ada_interval", "ada_kimg", "kimg", "snap_kimg",
+                                     "keep_checkpoints"),
+                     nonnegative=("gamma", "r1_interval", "pl_weight", "keep_every_kimg"),
+                     unit=("pl_decay", "style_mixing", "aug_p", "ada_target"), betas="betas")
+        if self.conv_clamp is not None and not (math.isfinite(self.conv_clamp)
+                                                and self.conv_clamp > 0):
+            raise ValueError(f"conv_clamp must be positive or None, got {self.conv_clamp}")
+        if self.ema_rampup is not None and not (math.isfinite(self.ema_rampup)
+                                                and self.ema_rampup >= 0):
+            raise ValueError(f"ema_rampup must be >= 0 or None, got {self.ema_rampup}")
 
     @property
     def num_ws(self) -> int:
@@ -156,6 +191,8 @@ def parse_overrides(pairs: list[str], cfg_cls=GanConfig) -> dict:
             elif typ.startswith("tuple"):
                 out[key] = tuple(float(v) for v in val.split(","))
             elif typ.startswith("bool"):
+                if val.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(val)
                 out[key] = val.lower() in ("1", "true", "yes", "on")
             elif typ.startswith("int"):
                 out[key] = int(val)
@@ -202,6 +239,12 @@ class EncoderTrainConfig(DictConfig):
             raise ValueError(f"space must be w or w+, got {self.space!r}")
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch, kimg, snap_kimg and lr must be positive")
+        check_fields(self, positive=("batch", "lr", "kimg", "snap_kimg", "keep_checkpoints",
+                                     "psi"),
+                     nonnegative=("w_l1", "syn_mse", "syn_ssim", "g_content", "real_mse",
+                                  "real_ssim", "e_content", "keep_every_kimg"), betas="betas")
+        if not isinstance(self.real_cycle, bool):
+            raise ValueError(f"real_cycle must be true or false, got {self.real_cycle!r}")
 
 
 ENCODER_TRAIN_PRESETS: dict[str, EncoderTrainConfig] = {

@@ -9,6 +9,7 @@ snapshots, `samples/` image grids.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 from cxredit import __version__
 
 _CKPT = re.compile(r"^ckpt-(\d+)\.json$")
+log = logging.getLogger(__name__)
 
 
 class RunError(ValueError):
@@ -41,8 +43,13 @@ class Run:
         if resume and not exists:
             raise RunError(f"{self.root}: nothing to resume (no config.json)")
         if not resume and exists:
-            raise RunError(f"{self.root}: a run already exists here; pass --resume to continue "
-                           "it or choose another --out")
+            if self.checkpoints():
+                raise RunError(f"{self.root}: a run already exists here; pass --resume to "
+                               "continue it or choose another --out")
+            # config.json without a checkpoint: a run that failed or was stopped before its
+            # first checkpoint holds nothing to keep; a new start replaces it.
+            log.info("%s: replacing a run that stopped before its first checkpoint", self.root)
+            self.stats_path.unlink(missing_ok=True)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         self.sample_dir.mkdir(parents=True, exist_ok=True)
 

@@ -69,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cxredit` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version or a usage error: report the status, in-process
         return int(e.code or 0)
+    args._argv = argv  # the options as given (e.g. what --resume may not change)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):
@@ -92,6 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"cxredit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not getattr(e, "one_line", False) or args.verbose:  # e.g. NonFiniteLossError
+            raise
+        print(f"cxredit {args.command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cxredit: interrupted (finished work is kept; re-run to resume)", file=sys.stderr)

@@ -34,6 +34,24 @@ def _add_runtime(p: argparse.ArgumentParser, device: bool = True, progress: bool
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+# What --resume may still be given: where the data and run are, the new length, and how to run.
+RESUME_OPTIONS = {"--data", "--out", "--gan", "--kimg", "--resume", "--device", "--no-progress",
+                  "--compile"}
+
+
+def refuse_changes_on_resume(args: argparse.Namespace) -> None:
+    """A resumed run continues exactly as its config.json says: an option that would change
+    the run (--set, --batch, --lr, --preset, ...) is an error instead of being ignored."""
+    if not getattr(args, "resume", False):
+        return
+    given = [t.split("=", 1)[0] for t in getattr(args, "_argv", []) if t.startswith("--")]
+    bad = [t for t in given if t not in RESUME_OPTIONS]
+    if bad:
+        raise ValueError(f"{bad[0]} cannot change a resumed run: --resume continues the run in "
+                         f"--out exactly as its config.json says (only --kimg may change); "
+                         "start a new run in another --out to train with other settings")
+
+
 def _add_image_source(p: argparse.ArgumentParser) -> None:
     """--images FILES... | --store STORE [--split] [--query]: what invert/project read."""
     src = p.add_mutually_exclusive_group(required=True)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-from cxredit.cli._common import _add_runtime, command
+from cxredit.cli._common import _add_runtime, command, refuse_changes_on_resume
 
 
 # ---------------------------------------------------------------------------------------- GAN
@@ -59,6 +60,7 @@ def gan_config_from_args(args: argparse.Namespace):
 def run_train_gan(args: argparse.Namespace) -> int:
     from cxredit.train.gan import train_gan
 
+    refuse_changes_on_resume(args)
     cfg = None if args.resume else gan_config_from_args(args)
     rec = train_gan(args.data, args.out, cfg, resume=args.resume, device=args.device,
                     compile=args.compile, progress=not args.no_progress, kimg=args.kimg)
@@ -68,15 +70,30 @@ def run_train_gan(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_SEEDS = 100_000  # images of one generate call
+
+
 def _parse_seeds(text: str) -> list[int]:
+    """"0-63" or "1,5,9" (ranges inclusive) -> seeds in [0, 2^32), at most MAX_SEEDS."""
+    import re
+
     seeds: list[int] = []
     for part in text.split(","):
         part = part.strip()
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            seeds.extend(range(int(a), int(b) + 1))
-        elif part:
-            seeds.append(int(part))
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if m is None:
+            raise ValueError(f"--seeds {text!r}: {part!r} is not a seed or a range such as 0-63")
+        a = int(m[1])
+        b = int(m[2]) if m[2] is not None else a
+        if b < a:
+            raise ValueError(f"--seeds {text!r}: range {part} is reversed (write {b}-{a})")
+        if b >= 2**32:
+            raise ValueError(f"--seeds {text!r}: seeds must be below 2^32")
+        if len(seeds) + b - a + 1 > MAX_SEEDS:
+            raise ValueError(f"--seeds {text!r}: more than {MAX_SEEDS:,} images in one call")
+        seeds.extend(range(a, b + 1))
     if not seeds:
         raise ValueError(f"--seeds: no seeds in {text!r}")
     return seeds
@@ -100,7 +117,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     from cxredit.generate import generate
 
-    res = generate(args.ckpt, _parse_seeds(args.seeds), args.out, psi=args.trunc,
+    seeds = _parse_seeds(args.seeds)
+    if not (math.isfinite(args.trunc) and 0 <= args.trunc <= 2):
+        raise ValueError(f"--trunc must be between 0 and 2 (1 = no truncation), got {args.trunc}")
+    if args.interpolate < 0 or (args.interpolate and len(set(seeds)) < 2):
+        raise ValueError("--interpolate STEPS needs STEPS >= 1 and at least two --seeds to walk "
+                         "between")
+    res = generate(args.ckpt, seeds, args.out, psi=args.trunc,
                    noise_mode=args.noise_mode, interpolate=args.interpolate, device=args.device)
     print(f"wrote {res['count']} images and {res['grid']}"
           + (f" and {res['walk']}" if res.get("walk") else ""))
@@ -141,6 +164,7 @@ def run_train_encoder(args: argparse.Namespace) -> int:
     from cxredit.config import EncoderTrainConfig, encoder_train_preset, parse_overrides
     from cxredit.train.encoder import train_encoder
 
+    refuse_changes_on_resume(args)
     cfg, overrides = None, {}
     if not args.resume:
         cfg = encoder_train_preset(args.preset)
@@ -180,6 +204,7 @@ def _add_train_segmenter(p: argparse.ArgumentParser) -> None:
 def run_train_segmenter(args: argparse.Namespace) -> int:
     from cxredit.train.segmenter import SegmenterTrainConfig, train_segmenter
 
+    refuse_changes_on_resume(args)
     cfg = None
     if not args.resume:
         changes = {k: getattr(args, k) for k in ("batch", "lr", "seed")
@@ -215,6 +240,7 @@ def _add_train_classifier(p: argparse.ArgumentParser) -> None:
 def run_train_classifier(args: argparse.Namespace) -> int:
     from cxredit.train.classifier import ClassifierTrainConfig, train_classifier
 
+    refuse_changes_on_resume(args)
     cfg = None
     if not args.resume:
         changes = {k: getattr(args, k) for k in ("batch", "lr", "seed", "arch")

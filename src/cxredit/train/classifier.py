@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxredit.config import DictConfig
+from cxredit.config import DictConfig, check_fields
 from cxredit.data.store import ImageStore
 from cxredit.models.classifier import ARCHS, Classifier, ClassifierConfig
 from cxredit.runs import Run, save_image_grid
@@ -65,6 +65,8 @@ class ClassifierTrainConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch, kimg, snap_kimg and lr must be positive")
+        check_fields(self, positive=("batch", "lr", "kimg", "snap_kimg", "keep_checkpoints"),
+                     nonnegative=("keep_every_kimg",))
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not 0 <= self.aug_p <= 1:

@@ -167,9 +167,14 @@ class EncoderTrainer(Trainer):
 
     def snapshot(self, step: int) -> None:
         """Grid: synthetic x / x' and real I / I' rows; their SSIM goes to stats.jsonl."""
+        from cxredit.generate import provenance
+
         r = self.reconstruct_fixed()
+        what = ("encoder training snapshot: rows 1, 2 and 4 made by G (synthetic x, its and the "
+                "real row's reconstructions); row 3 real inputs")
         save_image_grid(torch.cat([r["x"], r["x_rec"], r["real"], r["real_rec"]]).clamp(-1, 1),
-                        self.run.sample_dir / f"recon-{step:08d}.png", nrow=len(r["x"]))
+                        self.run.sample_dir / f"recon-{step:08d}.png", nrow=len(r["x"]),
+                        provenance=provenance(str(self.gan_source.get("sha256")), what))
         self.run.log({"step": step, "eval/ssim_syn": float(r["ssim_syn"].mean()),
                       "eval/ssim_real": float(r["ssim_real"].mean())})
 

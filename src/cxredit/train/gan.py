@@ -74,14 +74,15 @@ class GanTrainer(Trainer):
     """
 
     kind = CKPT_KIND
-    nan_hint = "lower the learning rate or raise gamma"
+    nan_hint = "lower learning rates (--set g_lr=... d_lr=...) or a higher gamma"
 
     def __init__(self, cfg: GanConfig, store: ImageStore, run: Run | None,
                  device: torch.device | str = "cpu", rows: np.ndarray | None = None,
                  compile: bool = False, progress: bool = True) -> None:
         if store.resolution != cfg.resolution:
             raise ValueError(f"{store.root}: store is {store.resolution} px but the config "
-                             f"asks for {cfg.resolution} px (--resolution or another store)")
+                             f"asks for {cfg.resolution} px (--set resolution=..., or another "
+                             "store)")
         super().__init__(cfg, store, run, device, rows, progress)
         if self.batch_gpu % min(cfg.mbstd_group, self.batch_gpu):
             raise ValueError(f"per-rank batch {self.batch_gpu} must be divisible by the "
@@ -269,8 +270,14 @@ class GanTrainer(Trainer):
         z = torch.randn([n, self.cfg.z_dim], generator=g).to(self.device)
         imgs = torch.cat([self.G_ema(z[i:i + 16], noise_mode="const")
                           for i in range(0, n, 16)])
+        from cxredit.checkpoint import checkpoint_sha256
+        from cxredit.generate import provenance
+
+        ck = self.run.checkpoint_path(step)
+        sha = checkpoint_sha256(ck) if ck.with_suffix(".json").exists() else "unsaved"
         save_image_grid(imgs, self.run.sample_dir / f"samples-{step:08d}.png",
-                        nrow=int(math.sqrt(n)))
+                        nrow=int(math.sqrt(n)),
+                        provenance=provenance(sha, f"G_ema samples at training step {step}"))
 
 
 def load_generator(path, device: torch.device | str = "cpu", which: str = "G_ema") -> Generator:

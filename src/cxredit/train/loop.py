@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN/Inf: training stops; the last good checkpoint is kept."""
+    """A loss became NaN/Inf: training stops; the last good checkpoint is kept. The CLI
+    reports it in one line (`one_line`)."""
+
+    one_line = True
 
 
 class Trainer:
@@ -47,7 +50,7 @@ class Trainer:
     """
 
     kind = "base"  # checkpoint kind
-    nan_hint = "lower the learning rate"
+    nan_hint = "a lower learning rate"
 
     def __init__(self, cfg, store: ImageStore, run: Run | None,
                  device: torch.device | str = "cpu", rows: np.ndarray | None = None,
@@ -160,17 +163,29 @@ class Trainer:
         flag = self._nonfinite.float()
         dist.all_reduce_sum_(flag)
         if float(flag) > 0:
+            last = self.run.latest_checkpoint() if self.run is not None else None
+            kept = (f"the last good checkpoint ({last.name}) is kept" if last is not None else
+                    "no checkpoint had been written yet")
             raise NonFiniteLossError(
-                f"a loss became NaN/Inf before step {self.step}; training stopped. The last good "
-                f"checkpoint is kept: {self.nan_hint}, then --resume")
+                f"a loss became NaN/Inf before step {self.step}; training stopped and {kept}; "
+                f"train again with {self.nan_hint}"
+                + ("" if last is None else " into another --out (--resume would continue with "
+                   "the same settings)"))
 
     def resume_latest(self, out: str | Path) -> None:
         """Continue exactly from the newest checkpoint of run folder `out`; stats lines logged
         after it are dropped (the resumed run logs them again, identically)."""
         run = Run(out, resume=True)
         ck = run.latest_checkpoint()
-        if ck is None:
-            raise ValueError(f"{out}: no checkpoint to resume from")
+        if ck is None:  # stopped before its first checkpoint: nothing to load, start afresh
+            log.info("%s: no checkpoint yet; starting from step 0 with the run's config", out)
+            if self.rank == 0:
+                run.truncate_stats(0)
+            return
+        started_on = run.read_config().get("data")
+        if started_on and Path(started_on).resolve() != Path(self.store.root).resolve():
+            log.warning("%s: resuming on %s, but the run was started on %s (its config.json "
+                        "keeps that path)", out, self.store.root, started_on)
         self.load_state_dict(load_checkpoint(ck, kind=self.kind, map_location=self.device))
         if self.rank == 0:
             run.truncate_stats(self.step)

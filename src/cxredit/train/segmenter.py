@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxredit.config import DictConfig
+from cxredit.config import DictConfig, check_fields
 from cxredit.data.phantom import MASK_NAMES
 from cxredit.data.store import ImageStore
 from cxredit.metrics.ctr import dice
@@ -49,6 +49,8 @@ class SegmenterTrainConfig(DictConfig):
     def __post_init__(self) -> None:
         if self.batch < 1 or self.kimg <= 0 or self.snap_kimg <= 0 or self.lr <= 0:
             raise ValueError("batch, kimg, snap_kimg and lr must be positive")
+        check_fields(self, positive=("batch", "lr", "kimg", "snap_kimg", "keep_checkpoints"),
+                     nonnegative=("keep_every_kimg",))
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
