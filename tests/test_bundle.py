@@ -68,6 +68,17 @@ def test_bundle_errors(tiny_bundle, tmp_path):
         export_bundle(tmp_path / "x", other, encoder=src["encoder"]["source"])
 
 
+def test_make_weights_checks_settings_before_training(tmp_path, capsys):
+    base = ["make-weights", "--out", str(tmp_path / "w"), "--work", str(tmp_path / "runs"),
+            "--preset", "tiny", "--no-progress"]
+    for extra, words in ((["--encoder-set", "lr=0"], "lr must be positive"),
+                         (["--encoder-set", "space=w+"], "--encoder-space"),
+                         (["--n-train", "0"], "--n-train must be at least 1")):
+        assert main([*base, *extra]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # nothing was trained or written
+
+
 def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     args = ["make-weights", "--out", str(tmp_path / "w"), "--work", str(tmp_path / "runs"),
             "--preset", "tiny", "--n-train", "48", "--no-progress"]
@@ -85,6 +96,12 @@ def test_make_weights_tiny_recipe_and_cli(tmp_path, capsys):
     again = load_bundle(tmp_path / "w")
     assert again.generator_sha256 == sha
     assert again.manifest["seconds"] == secs  # the stages' training time, not this call's
+    # a recipe that differs from what the work folder holds is refused, not mis-recorded
+    capsys.readouterr()
+    assert main([*args[:8], "96", *args[9:]]) == 2
+    assert "made with --n-train 48, not 96" in capsys.readouterr().err
+    assert main([*args, "--encoder-space", "w+"]) == 2
+    assert "made with --encoder-space 'w', not 'w+'" in capsys.readouterr().err
     # a W+ encoder started from the W one, the other stages reused (linked) from the first work
     (tmp_path / "wp").mkdir()
     for stage in ("train_store", "gan", "segmenter", "classifier"):

@@ -230,3 +230,20 @@ def test_direction_compare_and_svm_errors_name_the_problem(work):
     w = np.random.default_rng(0).standard_normal((8, 4))
     with pytest.raises(ValueError, match="--C .* positive"):
         svm_direction(w, np.arange(8) % 2 == 0, C=-1)
+
+
+def test_fid_refuses_other_resolutions_and_tiny_sets(work, tiny_bundle, tmp_path, capsys):
+    store = tiny_bundle.parent / "store"  # 16 px, as the GAN
+    assert main(["phantoms", "--out", str(tmp_path / "s32"), "--n", "8", "--resolution", "32",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    for extra, words in ((["--real", str(tmp_path / "s32"), "--gan", str(work / "gan")],
+                          "is 16 px but --real"),
+                         (["--real", str(store), "--store-b", str(tmp_path / "s32")],
+                          "is 32 px but --real"),
+                         (["--real", str(store), "--gan", str(work / "gan"), "--n", "0"],
+                          "--n must be at least 2"),
+                         (["--real", str(store), "--store-b", str(store), "--limit", "-10"],
+                          "--limit must be at least 2")):
+        assert main(["fid", "--extractor", "random", *extra]) == 2
+        assert words in _err(capsys)

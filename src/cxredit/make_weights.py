@@ -50,6 +50,31 @@ def _resumable(run_dir: Path) -> bool:
     return (run_dir / "config.json").exists()
 
 
+def _check_work_matches(work: Path, r: dict, gan_overrides: dict) -> None:
+    """Refuse a recipe that differs from what `work` already holds: finished stages are
+    reused as they are, so the bundle's recorded recipe would not be what was trained."""
+    import json
+
+    def differ(what: str, have, want, option: str) -> None:
+        if have != want:
+            raise ValueError(f"{work / what} was made with {option} {have!r}, not {want!r}: "
+                             "use the same settings to continue it, or another --work")
+
+    store = work / "train_store" / "store.json"
+    if store.exists():
+        n = json.loads(store.read_text()).get("phantom", {}).get("n")
+        differ("train_store", n, int(r["n_train"]), "--n-train")
+    for stage, want in (("gan", gan_overrides),
+                        ("encoder", {"space": r["encoder_space"], **r["encoder_train"]})):
+        cfg_path = work / stage / "config.json"
+        if cfg_path.exists() and want:
+            have = json.loads(cfg_path.read_text())["config"]
+            for k, v in want.items():
+                old = tuple(have[k]) if isinstance(have.get(k), list) else have.get(k)
+                differ(stage, old, v, "--encoder-space" if k == "space" else
+                       f"{'--set' if stage == 'gan' else '--encoder-set'} {k}=")
+
+
 @torch.no_grad()
 def encode(E, images: torch.Tensor, batch: int = 64) -> np.ndarray:
     """E's latents of images [N,1,R,R] in [-1,1] (batched) -> float32 numpy."""
@@ -165,7 +190,13 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
         raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
     r = {**RECIPES[preset], **lengths}
     work, t0 = Path(work), time.time()
+    if int(r["n_train"]) < 1:
+        raise ValueError(f"--n-train must be at least 1, got {r['n_train']}")
+    if "space" in r["encoder_train"]:
+        raise ValueError("choose the encoder's space with --encoder-space, not --encoder-set")
     gcfg = gan_preset(preset).replace(**(gan_overrides or {}))
+    ecfg = encoder_train_preset(preset).replace(space=r["encoder_space"], **r["encoder_train"])
+    _check_work_matches(work, r, gan_overrides or {})  # before hours of training, not after
     store = work / "train_store"
     if not (store / "store.json").exists():
         make_phantom_store(store, r["n_train"], gcfg.resolution, 0.5, TRAIN_SEED,
@@ -182,7 +213,6 @@ def make_weights(out: str | Path, work: str | Path, preset: str = "demo64",
     stage("generator", lambda run, cfg, res, k: train_gan(
         store, run, cfg, resume=res, device=device, progress=progress, kimg=k),
         gan, gcfg.replace(snap_kimg=min(gcfg.snap_kimg, r["gan_kimg"])), r["gan_kimg"])
-    ecfg = encoder_train_preset(preset).replace(space=r["encoder_space"], **r["encoder_train"])
     stage("encoder", lambda run, cfg, res, k: train_encoder(
         gan, store, run, cfg, resume=res, device=device, progress=progress, kimg=k,
         encoder_overrides=r["encoder_overrides"], init_from=encoder_init),

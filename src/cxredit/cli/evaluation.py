@@ -35,7 +35,8 @@ def run_ctr_cmd(args: argparse.Namespace) -> int:
 def _add_fid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real", required=True, help="store of real images")
     p.add_argument("--split", choices=["train", "val", "test"], help="split of --real")
-    p.add_argument("--limit", type=int, default=None, help="at most N real images")
+    p.add_argument("--limit", type=int, default=None,
+                   help="at most N images of --real (and of --store-b)")
     fake = p.add_mutually_exclusive_group(required=True)
     fake.add_argument("--gan", help="generator run/checkpoint to sample from")
     fake.add_argument("--folder", help="folder of PNG/JPEG images")
@@ -61,6 +62,22 @@ def run_fid_cmd(args: argparse.Namespace) -> int:
     from cxredit.metrics.features import get_extractor
     from cxredit.metrics.fid import compare_sets, folder_batches, generator_batches, store_batches
 
+    for opt, v in (("--n", args.n), ("--limit", args.limit)):
+        if v is not None and v < 2:
+            raise ValueError(f"{opt} must be at least 2 (FID needs two images a set), got {v}")
+    real = ImageStore(args.real)
+    other = None
+    if args.gan:
+        from cxredit.checkpoint import read_checkpoint_json
+        from cxredit.runs import find_checkpoint
+
+        ck = find_checkpoint(args.gan)
+        other = (ck, int(read_checkpoint_json(ck)["state"]["G_config"]["img_resolution"]))
+    elif args.store_b:
+        other = (args.store_b, ImageStore(args.store_b).resolution)
+    if other is not None and other[1] != real.resolution:
+        raise ValueError(f"{other[0]} is {other[1]} px but --real {args.real} is "
+                         f"{real.resolution} px: compare sets of one resolution")
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     kw = {"device": dev}
     if args.extractor == "inception":
@@ -72,7 +89,6 @@ def run_fid_cmd(args: argparse.Namespace) -> int:
     elif args.extractor == "random":
         kw = {}
     ext = get_extractor(args.extractor, **kw)
-    real = ImageStore(args.real)
     a = store_batches(real, split=args.split, limit=args.limit)
     if args.gan:
         b = generator_batches(args.gan, args.n, psi=args.psi, device=dev)

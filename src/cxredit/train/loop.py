@@ -199,6 +199,11 @@ class Trainer:
             The last stats record.
         """
         cfg, main = self.cfg, self.rank == 0
+        if self.step >= self.total_steps:
+            if main:
+                log.warning("already trained to %g kimg of %g: nothing to do (give a larger "
+                            "--kimg with --resume to train further)", self.nimg / 1000, cfg.kimg)
+            return {}
         snap_steps = max(1, int(round(cfg.snap_kimg * 1000 / cfg.batch)))
         tick_steps = max(1, min(snap_steps, int(round(1000 / cfg.batch))))
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step",
