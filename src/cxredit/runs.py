@@ -31,8 +31,9 @@ class Run:
 
     Args:
         root: folder of the run.
-        resume: continue an existing run (it must hold a checkpoint); otherwise the folder must
-            not already hold a run.
+        resume: continue an existing run (it must hold a config.json); otherwise the folder
+            must not already hold a run with a checkpoint (one that stopped before its first
+            checkpoint is replaced).
     """
 
     def __init__(self, root: str | os.PathLike, resume: bool = False) -> None:
