@@ -207,6 +207,15 @@ def test_mimic_optional_split_and_patients(mimic):
     np.testing.assert_array_equal(df["age"], [52, 52, 86, NAN])
 
 
+def test_nih_blank_finding_labels_are_unknown(tmp_path, caplog):
+    rows = [*NIH_ROWS[:2], NIH_ROWS[2].replace("No Finding", "")]
+    (tmp_path / "Data_Entry_2017.csv").write_text("\n".join([NIH_HEADER, *rows]))
+    df = index_nih(tmp_path)
+    assert np.isnan(df.loc[2, "No Finding"]) and np.isnan(df.loc[2, "Cardiomegaly"])
+    assert df.loc[0, "Cardiomegaly"] == 1 and df.loc[0, "No Finding"] == 0
+    assert "no Finding Labels" in caplog.text
+
+
 def test_mimic_and_nih_blank_ids_name_file_and_row(mimic, tmp_path):
     (mimic / "mimic-cxr-2.0.0-chexpert.csv").write_text(MIMIC_LABELS.replace("10000764,", ",", 1))
     with pytest.raises(ValueError, match=r"chexpert.csv, row 2 .*'subject_id' holds a blank; "

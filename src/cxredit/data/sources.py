@@ -400,8 +400,12 @@ def index_nih(root: str | os.PathLike) -> pd.DataFrame:
             if obs is not None:
                 table[u, OBSERVATIONS.index(obs)] = 1.0
     mapped = [OBSERVATIONS.index(o) for o in dict.fromkeys(NIH_TO_OBSERVATION.values())]
+    blank = (labels.str.strip() == "").to_numpy()  # no label text: unknown, not "all absent"
+    if blank.any():
+        log.warning("NIH: %d rows of %s have no Finding Labels; their labels are left blank",
+                    int(blank.sum()), csvs[0])
     for j in mapped:
-        df[OBSERVATIONS[j]] = table[codes, j]
+        df[OBSERVATIONS[j]] = np.where(blank, np.nan, table[codes, j])
     df["finding_labels"] = raw["Finding Labels"].fillna("")
     df["followup"] = followup
     split = _nih_split(root)
