@@ -119,6 +119,16 @@ def test_full_report_has_every_section_inlined_images_and_numbers(tmp_path):
     assert "Unfinished evaluation" not in page
 
 
+def test_table_rows_have_words_not_raw_keys(tmp_path):
+    m = full_metrics()
+    m["separability"]["encoder"].update(balanced_accuracy_in_sample=0.97, rank_deficient=False,
+                                        some_new_key=1.5)
+    page = write_report(write_run(tmp_path / "run", m)).read_text(encoding="utf-8")
+    sep = section(page, "separability")
+    assert "balanced accuracy (in-sample)" in sep and "some new key" in sep
+    assert "balanced_accuracy_in_sample" not in sep and "some_new_key" not in sep
+
+
 def test_strings_are_escaped(tmp_path):
     m = full_metrics()
     m["models"]["generator"]["config"]["note"] = "</pre><b>x</b>"

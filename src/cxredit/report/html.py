@@ -127,9 +127,25 @@ def _dict(value: object) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+# Words for metrics.json keys that tables show without a label of their own.
+KEY_WORDS = {
+    "balanced_accuracy_in_sample": "balanced accuracy (in-sample)",
+    "rank_deficient": "within-class covariance singular (shrinkage needed)",
+    "baseline_kid": "baseline KID (real vs real)",
+    "baseline_fid": "baseline FID (real vs real)",
+    "latent_rel": "latent change after the round trip (relative)",
+    "kid_std": "KID std", "n_real": "real images", "n_fake": "generated images",
+}
+
+
+def pretty_key(key: object) -> str:
+    """A readable row name for a metrics.json key: `KEY_WORDS`, else underscores as spaces."""
+    return KEY_WORDS.get(str(key), str(key).replace("_", " "))
+
+
 def kv_table(items: list[tuple[str, object]]) -> str:
     """Two-column (what, value) table of the items whose value is present."""
-    rows = [[f"<th>{esc(k)}</th>", td(v)] for k, v in items if v is not None]
+    rows = [[f"<th>{esc(pretty_key(k))}</th>", td(v)] for k, v in items if v is not None]
     return f"<table><tbody>{''.join('<tr>' + ''.join(r) + '</tr>' for r in rows)}</tbody></table>"
 
 
@@ -140,7 +156,8 @@ def keyed_table(columns: dict[str, dict], order: tuple[str, ...], labels: dict[s
     for c in columns.values():
         keys += [k for k, v in c.items() if k not in keys and _is_scalar(v)]
     head = ["metric"] + [esc((col_labels or {}).get(name, name)) for name in columns]
-    rows = [[f"<th>{esc(labels.get(k, k))}</th>"] + [td(c.get(k)) for c in columns.values()]
+    rows = [[f"<th>{esc(labels.get(k, pretty_key(k)))}</th>"] +
+            [td(c.get(k)) for c in columns.values()]
             for k in keys]
     return table(head, rows)
 
