@@ -3,6 +3,7 @@ driving Debian's chromium)."""
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from cxredit.cli import build_parser, main
 from cxredit.data.io import write_dicom, write_png
 from cxredit.data.phantom import render, sample_case
 from cxredit.web.app import STATIC, create_app
-from cxredit.web.engine import ApiError, EditEngine
+from cxredit.web.engine import ApiError, EditEngine, too_large
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "weights" / "demo"
@@ -88,7 +89,8 @@ def test_health_lists_models_directions_and_limits(client, tiny_bundle):
     for d in h["directions"]:
         assert d["sigma"] == pytest.approx(recorded[d["name"]][1]["sigma"]) and d["sigma"] > 0
     widest = max(d["sigma"] for d in h["directions"])
-    assert h["max_alpha"] == max(10, 6 * widest) and h["max_upload_mb"] == LIMIT_MB
+    assert h["max_alpha"] == pytest.approx(max(10, 6 * widest), abs=1e-4)
+    assert h["max_alpha"] >= 6 * widest and h["max_upload_mb"] == LIMIT_MB
     assert h["encoder"] and h["segmenter"] and len(h["samples"]) == 6
 
 
@@ -101,6 +103,27 @@ def test_default_max_alpha_covers_six_sigma_of_every_direction(tiny_bundle):
             assert engine.max_alpha == pytest.approx(want)
         finally:
             engine.close()
+
+
+def test_alpha_at_the_slider_end_is_accepted_and_the_bound_is_stated_exactly(tiny_bundle):
+    # 6 sigma = 29.714858292700647: the page sends s * sigma rounded to 4 decimals, 29.7149;
+    # the limit is 6 sigma rounded *up* to 4 decimals, so that value is inside it, and a
+    # refusal states the bound the check used (once: "[-29.7149, 29.7149], got 29.71487")
+    b = load_bundle(tiny_bundle)
+    sigma = 29.714858292700647 / 6
+    b.directions["pair"][1]["sigma"] = sigma
+    engine = EditEngine(b)
+    try:
+        assert engine.max_alpha == 29.7149
+        lat = engine.encode_sample("healthy-1")["id"]
+        for alpha in (round(6 * sigma, 4), -round(6 * sigma, 4), 6 * sigma, engine.max_alpha):
+            assert engine.edit(lat, "pair", alpha)["alpha"] == alpha
+        with pytest.raises(ApiError) as e:
+            engine.edit(lat, "pair", 29.71495)
+        assert e.value.status == 422
+        assert e.value.detail == "alpha must be a number in [-29.7149, 29.7149], got 29.71495"
+    finally:
+        engine.close()
 
 
 def test_sample_encodes_and_alpha_zero_is_the_reconstruction(client, latent):
@@ -152,10 +175,23 @@ def test_bad_uploads_get_4xx_with_a_message(client, name, data, status, words):
     assert words in r.json()["detail"]
 
 
-def test_request_far_over_the_limit_is_refused_before_parsing(client):
-    r = client.post("/api/encode", content=bytes(2**20),
+@pytest.mark.parametrize("chunked", [False, True])
+def test_request_far_over_the_limit_is_refused_before_parsing(client, chunked):
+    # by Content-Length, or counted while streaming: either way the message names the limit
+    # in MB, as the engine's own check does for a file just over it
+    body = bytes(2**20)
+    content = iter([body[:2**19], body[2**19:]]) if chunked else body
+    r = client.post("/api/encode", content=content,
                     headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
+    assert r.json()["detail"] == too_large(int(LIMIT_MB * 2**20)) == \
+        "the upload is larger than the limit of 0.25 MB"
+
+
+def test_favicon_is_served(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (32, 32)
 
 
 @pytest.mark.parametrize("kwargs, status", [
@@ -170,6 +206,7 @@ def test_encode_request_forms(client, kwargs, status):
 
 @pytest.mark.parametrize("body, status", [
     ({"direction": "pair", "alpha": 10.5}, 422),
+    ({"direction": "pair", "alpha": -10}, 200),
     ({"direction": "pair", "alpha": -11}, 422),
     ({"direction": "pair", "alpha": 10}, 200),
     ({"direction": "pair"}, 422),
@@ -406,6 +443,94 @@ def _start_server(app):
     return server, thread, f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
+def _held(page, pred):
+    """Route requests whose URL matches `pred` into a list, unanswered until the test answers
+    them (route.continue_() or .fulfill()): a slow server on demand."""
+    held = []
+    page.route(pred, lambda route: held.append(route))
+    return held
+
+
+def _wait_held(page, held, n=1):
+    deadline = time.time() + 20
+    while len(held) < n:
+        assert time.time() < deadline, "the page sent no request"
+        page.wait_for_timeout(20)
+
+
+def _check_steps_box(page):
+    """Steps are read with Number(): "1e2" is 100, "2.5" and "" are refused with a message and
+    sent nowhere; a failed refinement hides the progress bar."""
+    posts = []
+
+    def fail(route):
+        posts.append(json.loads(route.request.post_data))
+        route.fulfill(status=503, content_type="application/json",
+                      body='{"detail": "busy (test)"}')
+
+    page.route(lambda url: url.endswith("/api/project"), fail)
+    for text in ("2.5", "", "0", "100000"):
+        page.fill("#steps", text)
+        page.click("#refine")
+        page.wait_for_selector("#refine-status.error:has-text('Enter a whole number of steps "
+                               "from 1 to')")
+        assert not posts
+    page.fill("#steps", "1e2")
+    page.click("#refine")
+    page.wait_for_selector("#status:has-text('busy (test) (HTTP 503)')")
+    assert posts == [{"id": posts[0]["id"], "steps": 100}]
+    assert page.is_hidden("#progress") and page.is_enabled("#refine")
+    page.unroute_all()
+
+
+def _check_refine_race(page):
+    """A refinement's result arriving after another image was loaded is dropped, and while
+    that image encodes, nothing else can be loaded."""
+    polls = _held(page, lambda url: "/api/project/" in url)
+    encodes = _held(page, lambda url: url.endswith("/api/encode"))
+    page.fill("#steps", "5")
+    page.click("#refine")
+    _wait_held(page, polls)
+    page.select_option("#sample", "healthy-2")
+    page.click("#load-sample")
+    _wait_held(page, encodes)
+    assert page.is_disabled("#load-sample") and page.is_disabled("#file")
+    encodes[0].continue_()
+    page.wait_for_selector("#source:has-text('phantom:healthy-2')")
+    page.wait_for_selector("#load-sample:enabled")
+    assert page.is_enabled("#file")
+    # the old job "finishes" with another latent: the page must not show it
+    stale = {"id": "0" * 32, "source": "phantom:STALE", "steps": 5, "resolution": 16,
+             "reconstruction": "data:,", "ctr_input": None, "ctr_reconstruction": None,
+             "mse": 0.0}
+    polls[0].fulfill(status=200, content_type="application/json",
+                     body=json.dumps({"status": "done", "step": 5, "steps": 5, "loss": 0.1,
+                                      "result": stale, "error": None}))
+    page.wait_for_timeout(700)  # more than two poll intervals
+    assert len(polls) == 1, "the page kept polling the old job"
+    assert "healthy-2" in page.text_content("#source")
+    assert page.text_content("#recon-note") == "encoder"
+    assert page.is_hidden("#progress") and page.text_content("#refine-status") == ""
+    page.unroute_all()
+
+
+def _check_narrow_layout(page):
+    """At phone width the synthetic banner sits below the edited image, not over it, and the
+    difference key's swatches keep their size; the upload box shows keyboard focus."""
+    page.set_viewport_size({"width": 375, "height": 800})
+    frame = page.locator(".panel.edited .frame").bounding_box()
+    banner = page.locator(".synthetic").bounding_box()
+    assert banner["y"] >= frame["y"] + frame["height"] - 0.5 and banner["height"] > 0
+    for box in (page.locator(".swatch").nth(i).bounding_box() for i in range(3)):
+        assert box["width"] == pytest.approx(14, abs=0.5), box
+    panel = page.locator(".legend").locator("xpath=..").bounding_box()
+    for i in range(3):  # every key (swatch and word) inside its panel: they wrap, not overflow
+        key = page.locator(".legend .key").nth(i).bounding_box()
+        assert key["x"] + key["width"] <= panel["x"] + panel["width"], (i, key, panel)
+    page.focus("#file")
+    assert page.eval_on_selector("#drop", "e => getComputedStyle(e).outlineStyle") == "solid"
+
+
 def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
     """Upload a phantom, move the slider: the edited image and the CTR readout change.
 
@@ -429,8 +554,13 @@ def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
                       "--disable-default-apps", "--disable-dev-shm-usage", "--disable-gpu"])
             try:
                 page = browser.new_page(viewport={"width": 1280, "height": 900})
-                errors, foreign = [], []
+                errors, foreign, encodes = [], [], []
                 page.on("pageerror", lambda e: errors.append(str(e)))
+                # a console error is e.g. a 404 (the favicon was one); the 503 is faked below
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error"
+                        and "status of 503" not in m.text else None)
+                page.on("request", lambda r: encodes.append(r) if r.url.endswith(
+                    "/api/encode") else None)
                 page.on("request", lambda r: None if r.url.startswith((base, "data:"))
                         else foreign.append(r.url))
                 page.goto(base + "/")
@@ -439,6 +569,11 @@ def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
                 page.select_option("#direction", "pair")
                 page.set_input_files("#file", str(png))
                 page.wait_for_selector("#img-edit[data-alpha='0']", timeout=20_000)
+                # the same file chosen again uploads again (the input is cleared after each)
+                page.wait_for_selector("#load-sample:enabled")
+                page.set_input_files("#file", str(png))
+                page.wait_for_selector("#load-sample:enabled")
+                assert len(encodes) == 2 and page.input_value("#file") == ""
                 src0 = page.get_attribute("#img-edit", "src")
                 ctr0 = page.text_content("#ctr-edit")
 
@@ -469,13 +604,17 @@ def test_browser_upload_slide_and_download(tiny_bundle, tmp_path):
                 assert page.get_attribute("#download", "href").startswith("/api/edit.png?")
                 page.fill("#steps", "5")
                 page.click("#refine")
-                page.wait_for_selector("#refine-status:has-text('done')", timeout=30_000)
+                page.wait_for_selector("#refine-status:has-text('Refined by 5 steps')",
+                                       timeout=30_000)
                 page.wait_for_selector("#img-edit[data-alpha]")
                 assert "5 projection steps" in page.text_content("#recon-note")
-                assert not errors and not foreign, (errors, foreign)
                 assert "SYNTHETIC EDIT" in page.text_content(".panel.edited")
                 shot = ROOT / "docs" / "web.png" if real else tmp_path / "web.png"
                 page.screenshot(path=str(shot), full_page=True)
+                _check_steps_box(page)
+                _check_refine_race(page)
+                _check_narrow_layout(page)
+                assert not errors and not foreign, (errors, foreign)
             finally:
                 browser.close()
     finally:

@@ -8,6 +8,7 @@
     POST /api/project           {id, steps} -> projection job id (runs in the background)
     GET  /api/project/{job}     progress of a job; its result is a new latent id
     GET  /docs, /openapi.json   offline API documentation and the OpenAPI schema
+    GET  /favicon.ico           the page's icon (a small PNG drawn at import)
 
 Everything the page loads comes from this server (no CDN, no web font); a Content-Security-
 Policy header says so to the browser as well. FastAPI's own /docs page would fetch Swagger UI
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -34,7 +36,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from cxredit.web.engine import SAMPLES, ApiError, EditEngine
+from cxredit.web.engine import SAMPLES, ApiError, EditEngine, png_bytes, too_large
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +72,19 @@ class ProjectRequest(BaseModel):
 
 class _LimitedBody:
     """ASGI middleware: 413 for request bodies over `max_bytes` (by Content-Length, or counted
-    while streaming), and security headers on every response."""
+    while streaming), and security headers on every response.
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    `max_bytes` is the upload limit plus `FORM_SLACK`; the 413 message names the upload limit
+    (`limit_bytes`) in MB, in the engine's words, whichever of the two refuses a file.
+    """
+
+    def __init__(self, app, max_bytes: int, limit_bytes: int) -> None:
+        self.app, self.max_bytes, self.limit_bytes = app, max_bytes, limit_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = HTTPException(413, f"request body larger than {self.max_bytes} bytes")
+        too_big = HTTPException(413, too_large(self.limit_bytes))
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await JSONResponse({"detail": too_big.detail}, 413)(scope, receive, send)
@@ -204,7 +210,7 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
                               "edited image is synthetic and not for diagnosis.",
                   docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.engine = engine
-    app.add_middleware(_LimitedBody, max_bytes=max_bytes + FORM_SLACK)
+    app.add_middleware(_LimitedBody, max_bytes=max_bytes + FORM_SLACK, limit_bytes=max_bytes)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(ApiError)
@@ -219,6 +225,12 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
     @app.get("/", include_in_schema=False)
     def index():
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon():
+        # browsers ask for it on every page; a 404 would be the console's only message
+        return Response(FAVICON, media_type="image/png",
+                        headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
     def docs():
@@ -296,6 +308,21 @@ def create_app(weights, device: str | torch.device | None = "cpu", max_upload_mb
     return app
 
 
+def _favicon() -> bytes:
+    """A 32x32 PNG icon drawn here (no binary file to ship): two lungs and a heart on the
+    page header's navy."""
+    yy, xx = np.mgrid[0:32, 0:32] + 0.5
+    img = np.empty((32, 32, 3), np.uint8)
+    img[:] = (15, 27, 45)
+    for cx in (10.5, 21.5):  # lungs
+        img[((xx - cx) / 5.5) ** 2 + ((yy - 16) / 11) ** 2 <= 1] = (207, 224, 255)
+    img[((xx - 17.5) / 6) ** 2 + ((yy - 21) / 5) ** 2 <= 1] = (180, 35, 24)  # heart
+    return png_bytes(img)
+
+
+FAVICON = _favicon()
+
+
 def render_docs(schema: dict) -> str:
     """A self-contained HTML page listing the endpoints of an OpenAPI schema."""
     esc = html.escape
@@ -331,6 +358,7 @@ def render_docs(schema: dict) -> str:
     return ("<!doctype html><html lang=en><head><meta charset=utf-8>"
             f"<title>{esc(info.get('title', 'API'))}</title>"
             "<meta name=viewport content='width=device-width, initial-scale=1'>"
+            "<link rel=icon type=image/png href='/favicon.ico'>"
             "<link rel=stylesheet href='/static/style.css'></head><body class=docs>"
             f"<header class=top><div class=brand><h1>{esc(info.get('title', 'API'))}</h1>"
             f"<span>version {esc(str(info.get('version', '')))}</span></div>"

@@ -142,6 +142,12 @@ def diff_map(edited: np.ndarray, base: np.ndarray, scale: float = DIFF_RANGE) ->
     return np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
 
+def too_large(max_bytes: int) -> str:
+    """The one message for an upload over the limit, whoever notices it (the engine, or the
+    app's body-size guard before the form is parsed)."""
+    return f"the upload is larger than the limit of {max_bytes / 2**20:g} MB"
+
+
 def _finite(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(float(x)) else None
 
@@ -158,8 +164,9 @@ class EditEngine:
     Args:
         bundle: a loaded `cxredit.bundle.Bundle` (G required; E, segmenter optional).
         max_alpha: largest |alpha| an edit may use; None: the larger of 10 and
-            `SIGMA_SPAN` x the largest sigma of the directions (so that every direction can be
-            swept over +-SIGMA_SPAN sigma; W+ directions have sigmas of several units).
+            `SIGMA_SPAN` x the largest sigma of the directions, rounded up to 4 decimals (so
+            that every direction can be swept over +-SIGMA_SPAN sigma; W+ directions have
+            sigmas of several units).
         max_steps: largest number of projection steps one request may ask for.
         cache_size: latents kept in memory (least recently used forgotten first).
         max_upload_bytes: largest upload accepted.
@@ -182,6 +189,10 @@ class EditEngine:
         if max_alpha is None:
             sigmas = [_positive(side.get("sigma")) for _, side in self.directions.values()]
             max_alpha = max([10.0] + [SIGMA_SPAN * s for s in sigmas if s is not None])
+            # rounded up to 4 decimals, as the page writes alphas: s * sigma at the slider's
+            # end, rounded so, must not land a hair beyond the limit (round() first absorbs
+            # float noise such as 287999.99999999994)
+            max_alpha = math.ceil(round(max_alpha * 1e4, 6)) / 1e4
         self.max_alpha, self.max_steps = float(max_alpha), int(max_steps)
         self._lock = threading.RLock()  # model calls
         self._state = threading.Lock()  # latents / jobs dicts
@@ -222,8 +233,7 @@ class EditEngine:
         if not data:
             raise ApiError(400, "the uploaded file is empty")
         if len(data) > self.max_upload_bytes:
-            raise ApiError(413, f"the upload is larger than the limit of "
-                                f"{self.max_upload_bytes / 2**20:g} MB")
+            raise ApiError(413, too_large(self.max_upload_bytes))
         kind = next((k for magic, k in _MAGIC if data.startswith(magic)), None)
         if kind is None and (data[128:132] == b"DICM" or
                              (filename or "").lower().endswith((".dcm", ".dicom"))):
@@ -345,8 +355,9 @@ class EditEngine:
             raise ApiError(404, f"unknown direction {direction!r}; this bundle has "
                                 f"{', '.join(self.directions) or 'none'}")
         if not math.isfinite(alpha) or abs(alpha) > self.max_alpha:
-            raise ApiError(422, f"alpha must be a number in [-{self.max_alpha:g}, "
-                                f"{self.max_alpha:g}], got {alpha!r}")
+            # the bound in full (not :g's 6 digits, which may round it up past the value)
+            raise ApiError(422, f"alpha must be a number in [-{self.max_alpha!r}, "
+                                f"{self.max_alpha!r}], got {alpha!r}")
         lat = self._get(latent_id)
         v = self.directions[direction][0]
         w = apply_direction(lat.w, v, float(alpha), int(self.G.num_ws))

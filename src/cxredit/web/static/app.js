@@ -2,7 +2,9 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { id: null, health: null, busy: false, editing: false, again: false };
+// gen counts the images loaded (encode results): a refinement started from an earlier image
+// compares it to its own and drops its result, so the page never mixes two images.
+const state = { id: null, gen: 0, health: null, busy: false, editing: false, again: false };
 
 function setStatus(text, error = false) {
   const el = $("#status");
@@ -23,6 +25,8 @@ async function api(path, options = {}) {
 }
 
 const fmt = (c) => (c === null || c === undefined ? "n/a" : c.toFixed(3));
+// A raw alpha for captions: at most 4 decimals, no trailing zeros (29.714858... -> 29.7149).
+const fmtAlpha = (a) => String(Number(a.toFixed(4)));
 
 function setDelta(before, after) {
   const el = $("#ctr-delta");
@@ -57,11 +61,19 @@ async function init() {
   }
 }
 
-function showLatent(r) {
+// Show a latent (an encode's or a refinement's result). fresh: a new image, which ends any
+// refinement of the previous one (its poll loop sees the new generation and stops).
+function showLatent(r, fresh = false) {
+  if (fresh) {
+    state.gen += 1;
+    $("#progress").hidden = true;
+    setNote("");
+  }
   state.id = r.id;
   if (r.input) $("#img-input").src = r.input;
   $("#img-recon").src = r.reconstruction;
-  $("#recon-note").textContent = r.steps ? `encoder + ${r.steps} projection steps` : "encoder";
+  $("#recon-note").textContent = r.steps
+    ? `encoder + ${r.steps} projection ${r.steps === 1 ? "step" : "steps"}` : "encoder";
   $("#ctr-input").textContent = fmt(r.ctr_input);
   $("#ctr-recon").textContent = fmt(r.ctr_reconstruction);
   $("#source").textContent = `Source: ${r.source} · MSE ${r.mse.toFixed(4)}`;
@@ -69,22 +81,35 @@ function showLatent(r) {
   requestEdit();
 }
 
+// While an image encodes, the ways to load another are off (a second load would race it).
+function setBusy(on) {
+  state.busy = on;
+  $("#load-sample").disabled = on;
+  $("#file").disabled = on;
+  $("#drop").classList.toggle("busy", on);
+  $("#drop").setAttribute("aria-disabled", String(on));
+}
+
 async function encode(form, label) {
   if (state.busy) return;
-  state.busy = true;
+  setBusy(true);
   setStatus(`Encoding ${label}…`);
   try {
-    showLatent(await api("/api/encode", { method: "POST", body: form }));
+    showLatent(await api("/api/encode", { method: "POST", body: form }), true);
     setStatus("");
   } catch (e) {
     setStatus(e.message, true);
   } finally {
-    state.busy = false;
+    setBusy(false);
   }
 }
 
 function uploadFile(file) {
   if (!file) return;
+  if (state.busy) {  // a drop while encoding (the input and button are disabled meanwhile)
+    setStatus("Still encoding the previous image: drop this one again when it is done.", true);
+    return;
+  }
   const form = new FormData();
   form.append("file", file);
   encode(form, file.name);
@@ -132,22 +157,23 @@ async function requestEdit() {
   state.editing = true;
   const s = parseFloat($("#alpha").value);
   const alpha = rawAlpha(s), sigma = unit();
-  const direction = $("#direction").value;
+  const direction = $("#direction").value, id = state.id;
   try {
     const r = await api("/api/edit", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ id: state.id, direction, alpha }),
+      body: JSON.stringify({ id, direction, alpha }),
     });
+    if (id !== state.id) return;  // another image came meanwhile; it asked for its own edit
     const img = $("#img-edit");
     img.src = r.image;
     img.dataset.alpha = String(s);  // slider units
     img.dataset.alphaRaw = String(r.alpha);
     $("#img-diff").src = r.diff;
-    $("#edit-note").textContent = sigma ? `${direction}, ${s} σ (α = ${r.alpha})`
-                                        : `${direction}, α = ${r.alpha}`;
+    $("#edit-note").textContent = sigma ? `${direction}, ${s} σ (α = ${fmtAlpha(r.alpha)})`
+                                        : `${direction}, α = ${fmtAlpha(r.alpha)}`;
     $("#ctr-edit").textContent = fmt(r.ctr);
     setDelta(r.ctr_reconstruction, r.ctr);
-    const q = new URLSearchParams({ id: state.id, direction, alpha: String(r.alpha) });
+    const q = new URLSearchParams({ id, direction, alpha: String(r.alpha) });
     const dl = $("#download");
     dl.href = `/api/edit.png?${q}`;
     dl.classList.remove("disabled");
@@ -160,12 +186,33 @@ async function requestEdit() {
   }
 }
 
+function setNote(text, error = false) {
+  const el = $("#refine-status");
+  el.textContent = text;
+  el.classList.toggle("error", error);
+}
+
+// The Steps box as an integer in [1, max], or null. Number(), not parseInt: "1e2" is 100 steps
+// (not 1) and "2.5" is refused (not 2); an empty or unparsable box reads as "".
+function readSteps() {
+  const raw = $("#steps").value.trim(), n = Number(raw);
+  const max = state.health ? state.health.max_project_steps : Infinity;
+  return raw !== "" && Number.isInteger(n) && n >= 1 && n <= max ? n : null;
+}
+
 async function refine() {
-  const steps = parseInt($("#steps").value, 10);
-  const bar = $("#progress"), note = $("#refine-status");
+  const steps = readSteps();
+  if (steps === null) {
+    const max = state.health ? state.health.max_project_steps : "the server's limit";
+    setNote(`Enter a whole number of steps from 1 to ${max}.`, true);
+    $("#steps").focus();
+    return;
+  }
+  const gen = state.gen, bar = $("#progress");
+  const stale = () => gen !== state.gen;  // another image was loaded since the start
   $("#refine").disabled = true;
   bar.hidden = false; bar.value = 0;
-  note.textContent = "queued…";
+  setNote("queued…");
   try {
     const { job } = await api("/api/project", {
       method: "POST", headers: { "Content-Type": "application/json" },
@@ -173,24 +220,37 @@ async function refine() {
     });
     for (;;) {
       await new Promise((ok) => setTimeout(ok, 250));
+      if (stale()) return;  // stop polling: the result would belong to the previous image
       const j = await api(`/api/project/${job}`);
+      if (stale()) return;
       bar.value = j.steps ? j.step / j.steps : 0;
-      note.textContent = `${j.status}: step ${j.step} / ${j.steps}` +
-        (j.loss !== null ? ` · loss ${j.loss.toFixed(4)}` : "");
-      if (j.status === "done") { showLatent(j.result); note.textContent += " · done"; break; }
+      const loss = j.loss !== null ? ` · loss ${j.loss.toFixed(4)}` : "";
+      if (j.status === "done") {
+        showLatent(j.result);
+        setNote(`Refined by ${j.steps} ${j.steps === 1 ? "step" : "steps"}${loss}`);
+        break;
+      }
       if (j.status === "error") throw new Error(j.error);
+      setNote(j.status === "queued" ? "queued behind another refinement…"
+                                    : `running: step ${j.step} of ${j.steps}${loss}`);
     }
   } catch (e) {
-    note.textContent = "";
+    if (stale()) return;
+    bar.hidden = true;
+    setNote("");
     setStatus(e.message, true);
   } finally {
-    $("#refine").disabled = !state.id;
+    if (!stale()) $("#refine").disabled = !state.id;  // else the new image's own state stands
   }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
   init();
-  $("#file").addEventListener("change", (ev) => uploadFile(ev.target.files[0]));
+  $("#file").addEventListener("change", (ev) => {
+    const file = ev.target.files[0];
+    ev.target.value = "";  // so that choosing the same file again is a change, and uploads
+    uploadFile(file);
+  });
   const drop = $("#drop");
   drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
