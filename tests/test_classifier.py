@@ -177,6 +177,8 @@ def test_cli_train_classifier_and_resume(phantoms, tmp_path, capsys):
     assert "val AUC" in said and "0.04 kimg" in said
     assert main(base + ["--resume", "--kimg", "0.08", "--lr", "0.1"]) == 2  # not ignored
     assert "--lr cannot change a resumed run" in capsys.readouterr().err
+    assert main(base + ["--resume", "--kim", "0.08", "--bat=4"]) == 2  # abbreviations too
+    assert "--batch cannot change a resumed run" in capsys.readouterr().err
     assert main(base + ["--resume", "--kimg", "0.08"]) == 0
     assert "0.08 kimg" in capsys.readouterr().out
     doc = Run(out, resume=True).read_config()

@@ -62,19 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
                            formatter_class=_DefaultsHelp)
         add(p)
-        p.set_defaults(_run=run)
+        # each option's name and default: main() lists the options given (`args._given`)
+        p.set_defaults(_run=run, _options={a.dest: (a.option_strings[-1], a.default)
+                                           for a in p._actions
+                                           if a.option_strings and a.dest != "help"})
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `cxredit` console script; returns the exit status."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version or a usage error: report the status, in-process
         return int(e.code or 0)
-    args._argv = argv  # the options as given (e.g. what --resume may not change)
+    # the options given a value other than their default, by name (however abbreviated)
+    args._given = [name for dest, (name, default) in getattr(args, "_options", {}).items()
+                   if getattr(args, dest, default) != default]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "_run", None):

@@ -44,8 +44,7 @@ def refuse_changes_on_resume(args: argparse.Namespace) -> None:
     the run (--set, --batch, --lr, --preset, ...) is an error instead of being ignored."""
     if not getattr(args, "resume", False):
         return
-    given = [t.split("=", 1)[0] for t in getattr(args, "_argv", []) if t.startswith("--")]
-    bad = [t for t in given if t not in RESUME_OPTIONS]
+    bad = [t for t in getattr(args, "_given", []) if t not in RESUME_OPTIONS]
     if bad:
         raise ValueError(f"{bad[0]} cannot change a resumed run: --resume continues the run in "
                          f"--out exactly as its config.json says (only --kimg may change); "
