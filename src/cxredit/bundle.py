@@ -236,6 +236,7 @@ def export_bundle(out: str | os.PathLike, gan: str | os.PathLike,
         Path of `bundle.json`.
     """
     from cxredit.latent.directions import load_direction, save_direction
+    from cxredit.latent.edit import check_direction
     from cxredit.models.stylegan2 import num_ws_for
     from cxredit.runs import find_checkpoint
 
@@ -267,11 +268,7 @@ def export_bundle(out: str | os.PathLike, gan: str | os.PathLike,
         v, side = load_direction(path)
         if (side.get("generator") or {}).get("sha256") not in (None, gan_sha):
             raise BundleError(f"{path}: direction was made with another generator")
-        if v.shape[-1] != g_cfg["w_dim"]:
-            raise BundleError(f"{path}: w_dim {v.shape[-1]} != generator's {g_cfg['w_dim']}")
-        if v.ndim == 2 and v.shape[0] != num_ws:
-            raise BundleError(f"{path}: a W+ direction for {v.shape[0]} layers; the generator "
-                              f"has {num_ws}")
+        check_direction(v, num_ws, int(g_cfg["w_dim"]), path, BundleError)
         rel = f"directions/{name}.npz"
         keep = {k: val for k, val in side.items()
                 if k not in ("format", "format_version", "space", "shape", "w_dim", "num_ws")}
@@ -367,11 +364,10 @@ def load_bundle(path: str | os.PathLike, device: torch.device | str = "cpu",
 def _fitting_direction(path: Path, G) -> tuple[np.ndarray, dict]:
     """`load_direction(path)`, checked to fit generator G (w_dim; num_ws of a W+ one)."""
     from cxredit.latent.directions import load_direction
+    from cxredit.latent.edit import check_direction
 
     v, info = load_direction(path)
-    if v.shape[-1] != G.w_dim or (v.ndim == 2 and v.shape[0] != G.num_ws):
-        raise BundleError(f"{path}: direction of shape {list(v.shape)} does not fit the "
-                          f"generator ([{G.w_dim}] or [{G.num_ws}, {G.w_dim}])")
+    check_direction(v, G.num_ws, G.w_dim, path, BundleError)
     return v, info
 
 

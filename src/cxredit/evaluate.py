@@ -188,6 +188,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     from cxredit.data.store import ImageStore
     from cxredit.generate import provenance
     from cxredit.latent.directions import cosine
+    from cxredit.latent.edit import check_direction
     from cxredit.latent.project import NOISE_FACTOR
     from cxredit.latent.separability import histogram_figure, separability
     from cxredit.metrics.features import get_extractor
@@ -212,10 +213,7 @@ def evaluate(out: str | os.PathLike, data: str | os.PathLike,
     files = {n: d["file"] for n, d in b.manifest.get("directions", {}).items()}
     for name, (v_extra, info_extra) in (extra_directions or {}).items():
         v_extra = np.asarray(v_extra, np.float32)
-        if v_extra.shape[-1] != b.G.w_dim or (v_extra.ndim == 2 and v_extra.shape[0] != b.G.num_ws):
-            raise ValueError(f"{info_extra.get('file', name)}: direction of shape "
-                             f"{list(v_extra.shape)} does not fit the generator "
-                             f"([{b.G.w_dim}] or [{b.G.num_ws}, {b.G.w_dim}])")
+        check_direction(v_extra, b.G.num_ws, b.G.w_dim, info_extra.get("file", name))
         b.directions[name] = (v_extra, info_extra)
         files[name] = info_extra.get("file")
     if direction is None and b.directions:

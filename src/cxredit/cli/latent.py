@@ -93,8 +93,6 @@ def run_edit_cmd(args: argparse.Namespace) -> int:
     from cxredit.latent.edit import parse_alphas, run_edit
 
     alphas = parse_alphas(args.alphas)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}")
     res = run_edit(args.gan, args.latents, args.direction, alphas, args.out, args.layers,
                    args.limit, args.dicom, args.device)
     print(f"edited {res['count']} images x {len(alphas)} alphas -> {args.out} "

@@ -63,6 +63,15 @@ def check_latents(w: torch.Tensor, num_ws: int, w_dim: int, what: str = "w") -> 
                          f"[N, {w_dim}] (W) or [N, {num_ws}, {w_dim}] (W+)")
 
 
+def check_direction(v, num_ws: int, w_dim: int, where: object = "direction",
+                    error: type[ValueError] = ValueError) -> None:
+    """Raise a one-line `error` unless direction `v` is [w_dim] (W) or [num_ws, w_dim] (W+);
+    `where` (e.g. its file) starts the message."""
+    if v.ndim not in (1, 2) or v.shape[-1] != w_dim or (v.ndim == 2 and v.shape[0] != num_ws):
+        raise error(f"{where}: direction of shape {list(v.shape)} does not fit the generator "
+                    f"([{w_dim}] or [{num_ws}, {w_dim}])")
+
+
 def apply_direction(w: torch.Tensor, v: torch.Tensor, alpha: float, num_ws: int,
                     layers: list[int] | None = None) -> torch.Tensor:
     """Edited latents.
@@ -84,9 +93,7 @@ def apply_direction(w: torch.Tensor, v: torch.Tensor, alpha: float, num_ws: int,
     check_latents(w, num_ws, int(w.shape[-1]), "latents")
     if v.shape[-1] != w.shape[-1]:
         raise ValueError(f"direction w_dim {v.shape[-1]} != the latents' w_dim {w.shape[-1]}")
-    if v.ndim not in (1, 2) or (v.ndim == 2 and v.shape[0] != num_ws):
-        raise ValueError(f"direction of shape {list(v.shape)} does not fit the generator "
-                         f"({num_ws} layers of w_dim {w.shape[-1]})")
+    check_direction(v, num_ws, int(w.shape[-1]))
     if not math.isfinite(alpha):
         raise ValueError(f"edit strength alpha must be finite, got {alpha}")
     if layers is not None:
@@ -158,9 +165,7 @@ def run_edit(gan: str | Path, latents: str | Path, direction: str | Path, alphas
         check_latents(torch.from_numpy(np.asarray(w_np)), G.num_ws, G.w_dim, "latents")
     except ValueError as e:
         raise ValueError(f"{latents}: {e}") from None
-    if v_np.shape[-1] != G.w_dim or (v_np.ndim == 2 and v_np.shape[0] != G.num_ws):
-        raise ValueError(f"{direction}: direction of shape {list(v_np.shape)} does not fit the "
-                         f"generator ([{G.w_dim}] or [{G.num_ws}, {G.w_dim}])")
+    check_direction(v_np, G.num_ws, G.w_dim, direction)
     if limit is not None:
         w_np, ids = w_np[:limit], ids[:limit]
     lay = parse_layers(layers, G.num_ws)
